@@ -1,0 +1,69 @@
+"""Embedder registry: build and validate descriptors by name.
+
+Heavy imports (torch, open_clip) happen inside the embedder modules, only when one is built.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.config import EmbedderConfig
+from pipeline.embedders.base import Embedder
+from pipeline.errors import ConfigError, MismatchError
+from pipeline.io import Storage, exists
+
+KNOWN = ("default", "open_clip", "sscd")
+
+
+def validate(cfg: EmbedderConfig, storage: Storage | None = None) -> None:
+    """Cheap checks that need no weights loaded: fail before any work starts."""
+    if cfg.name not in KNOWN:
+        raise ConfigError(f"unknown embedder {cfg.name!r}; choose one of: {', '.join(KNOWN)}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"embedder.device must be auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.image_size is not None and cfg.image_size < 16:
+        raise ConfigError(f"embedder.image_size must be >= 16, got {cfg.image_size}")
+    for label, url in (("checkpoint", cfg.checkpoint), ("model_config", cfg.model_config)):
+        if url and not exists(url, storage):
+            raise ConfigError(f"embedder.{label} {url!r} does not exist")
+    if cfg.name == "open_clip":
+        from pipeline.embedders.clip import known_architectures, register_config
+
+        if not cfg.model:
+            raise ConfigError("embedder open_clip needs embedder.model (an architecture, e.g. ViT-B-32)")
+        if cfg.model_config:
+            register_config(cfg.model_config, storage)
+        if cfg.model not in known_architectures():
+            raise ConfigError(
+                f"unknown open_clip architecture {cfg.model!r}; give embedder.model_config "
+                "for a custom one, or pick one from open_clip.list_models()"
+            )
+        if not cfg.pretrained and not cfg.checkpoint:
+            raise ConfigError("embedder open_clip needs embedder.pretrained (a tag) or embedder.checkpoint (a file)")
+    if cfg.name == "sscd" and not cfg.checkpoint:
+        raise ConfigError("embedder sscd needs embedder.checkpoint (a TorchScript file, e.g. sscd_disc_mixup.torchscript.pt)")
+
+
+def build_embedder(cfg: EmbedderConfig, storage: Storage | None = None) -> Embedder:
+    validate(cfg, storage)
+    if cfg.name == "default":
+        from pipeline.embedders.default import DefaultDescriptor
+
+        return DefaultDescriptor(cfg, storage)
+    if cfg.name == "open_clip":
+        from pipeline.embedders.clip import OpenClipEmbedder
+
+        return OpenClipEmbedder(cfg, storage)
+    from pipeline.embedders.sscd import SscdEmbedder
+
+    return SscdEmbedder(cfg, storage)
+
+
+def check_same_identity(have: dict[str, Any], want: dict[str, Any], where: str) -> None:
+    """Refuse to mix outputs of different embedders or preprocessing."""
+    if have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        details = "; ".join(f"{k}: {have.get(k)!r} there vs {want.get(k)!r} now" for k in diff)
+        raise MismatchError(
+            f"{where} holds output made with other parameters ({details}); "
+            "use a new output location or the same embedder settings"
+        )

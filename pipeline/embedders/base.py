@@ -1,0 +1,70 @@
+"""The embedder interface every descriptor implements.
+
+The embed stage splits work in two so that decoding scales on CPU workers while the model
+runs in an actor (on a GPU when there is one):
+
+* ``preprocess(image)`` runs on CPU decode workers: PIL image -> fixed-shape uint8 array.
+  uint8 keeps what crosses the Ray object store four times smaller than float32.
+* ``embed(batch)`` runs in the embedding actor: (n, *input_shape) uint8 -> (n, dim) float32,
+  L2-normalised rows.
+
+``identity()`` is recorded with every output; two outputs whose identities differ are never
+mixed (see :func:`pipeline.embedders.check_same_identity`).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+class Embedder(ABC):
+    #: registry name ("default", "open_clip", "sscd")
+    name: str
+    #: output dimension
+    dim: int
+
+    @abstractmethod
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """Decoded RGB image -> fixed-shape uint8 array, cheap enough for a CPU worker."""
+
+    @abstractmethod
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """(n, *input_shape) uint8 -> (n, dim) float32, each row L2-normalised."""
+
+    @abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the vectors: name, weights id, preprocessing, dim."""
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """Convenience for small query sets: preprocess then embed in one process."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.embed(np.stack([self.preprocess(im) for im in images]))
+
+    def embed_regions(self, image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+        """Query side: vectors of several regions of one image and their boxes (x0, y0, x1, y1).
+
+        The default is the whole image only; descriptors that support region search override it.
+        """
+        w, h = image.size
+        return self.embed_images([image]), [(0, 0, w, h)]
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
+
+
+def resize_short_side(image: Image.Image, short: int) -> Image.Image:
+    w, h = image.size
+    scale = short / min(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size))

@@ -1,0 +1,85 @@
+"""open_clip image embedder: any architecture, weights from a pretrained tag or a checkpoint file."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import EmbedderConfig
+from pipeline.embedders.base import Embedder, center_crop, l2_normalize, resize_short_side
+from pipeline.embedders.torch_util import file_sha256, local_copy, pick_device, to_normalized_tensor
+from pipeline.io import Storage, read_bytes
+
+
+def known_architectures() -> set[str]:
+    import open_clip
+
+    return set(open_clip.list_models())
+
+
+def register_config(url: str, storage: Storage | None = None) -> str:
+    """Register a custom open_clip model config (JSON with embed_dim/vision_cfg/text_cfg).
+
+    The architecture name is the file's stem, as open_clip names its bundled configs.
+    """
+    import open_clip
+    from open_clip.factory import _MODEL_CONFIGS
+
+    name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".json")
+    _MODEL_CONFIGS[name] = json.loads(read_bytes(url, storage))
+    open_clip.list_models()  # keep open_clip's own listing consistent
+    return name
+
+
+class OpenClipEmbedder(Embedder):
+    name = "open_clip"
+
+    def __init__(self, cfg: EmbedderConfig, storage: Storage | None = None):
+        import open_clip
+        import torch
+
+        if cfg.model_config:
+            register_config(cfg.model_config, storage)
+        self.device = pick_device(cfg.device)
+        if cfg.checkpoint:
+            path = local_copy(cfg.checkpoint, storage)
+            pretrained, self.weights = path, "sha256:" + file_sha256(path)
+        else:
+            pretrained, self.weights = cfg.pretrained, f"tag:{cfg.pretrained}"
+        model, _, _ = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained, device=self.device)
+        self.model = model.eval()
+        self.arch = cfg.model
+        visual = model.visual
+        size = visual.image_size
+        self.image_size = cfg.image_size or (size[0] if isinstance(size, (tuple, list)) else int(size))
+        self.mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+        self.std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+        with torch.no_grad():
+            probe = np.zeros((1, self.image_size, self.image_size, 3), dtype=np.uint8)
+            self.dim = int(self._forward(probe).shape[1])
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        image = center_crop(resize_short_side(image.convert("RGB"), self.image_size), self.image_size)
+        return np.asarray(image, dtype=np.uint8)
+
+    def _forward(self, batch: np.ndarray):
+        x = to_normalized_tensor(batch, self.mean, self.std, self.device)
+        return self.model.encode_image(x).float()
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return l2_normalize(self._forward(batch).cpu().numpy())
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "embedder": self.name,
+            "model": self.arch,
+            "weights": self.weights,
+            "dim": self.dim,
+            "preprocess": f"resize_short={self.image_size},center_crop={self.image_size},"
+            f"mean={list(self.mean)},std={list(self.std)}",
+        }

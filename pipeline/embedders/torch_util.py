@@ -1,0 +1,59 @@
+"""Shared helpers for torch-based embedders (imported only when one is built)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import numpy as np
+
+from pipeline.io import Storage, filesystem, is_local
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("embedder.device is cuda but no CUDA device is visible to this worker")
+    return requested
+
+
+def local_copy(url: str, storage: Storage | None) -> str:
+    """A local file path for ``url``: the path itself, or a cached download of a remote file."""
+    if is_local(url):
+        return url.removeprefix("file://")
+    fs, path = filesystem(url, storage)
+    cache = os.path.join(tempfile.gettempdir(), "replica-weights")
+    os.makedirs(cache, exist_ok=True)
+    target = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest() + "-" + os.path.basename(path))
+    if not os.path.exists(target):
+        tmp = target + f".part-{os.getpid()}"
+        fs.get_file(path, tmp)
+        os.replace(tmp, target)
+    return target
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_normalized_tensor(batch: np.ndarray, mean: tuple, std: tuple, device: str):
+    """(n, h, w, 3) uint8 -> (n, 3, h, w) float tensor normalised with mean/std on ``device``."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device)
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    return (x - m) / s
