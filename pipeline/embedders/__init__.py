@@ -4,10 +4,14 @@ Heavy imports (torch, open_clip) happen inside the embedder modules, only when o
 """
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
 
 from pipeline.config import EmbedderConfig
-from pipeline.embedders.base import Embedder
+from pipeline.embedders.base import Embedder, square_crop_uint8
 from pipeline.errors import ConfigError, MismatchError
 from pipeline.io import Storage, exists
 
@@ -56,6 +60,25 @@ def build_embedder(cfg: EmbedderConfig, storage: Storage | None = None) -> Embed
     from pipeline.embedders.sscd import SscdEmbedder
 
     return SscdEmbedder(cfg, storage)
+
+
+def build_preprocessor(cfg: EmbedderConfig, storage: Storage | None = None) -> Callable[[Image.Image], np.ndarray]:
+    """The CPU half of an embedder, built without loading model weights (for decode workers)."""
+    if cfg.name == "default":
+        from pipeline.embedders.default import DefaultDescriptor
+
+        return DefaultDescriptor(cfg, storage).preprocess
+    if cfg.name == "open_clip":
+        from pipeline.embedders.clip import model_image_size, register_config
+
+        if cfg.model_config:
+            register_config(cfg.model_config, storage)
+        size = cfg.image_size or model_image_size(cfg.model)
+    else:
+        from pipeline.embedders.sscd import DEFAULT_SIZE
+
+        size = cfg.image_size or DEFAULT_SIZE
+    return partial(square_crop_uint8, size=size)
 
 
 def check_same_identity(have: dict[str, Any], want: dict[str, Any], where: str) -> None:

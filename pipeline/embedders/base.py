@@ -68,3 +68,8 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     w, h = image.size
     left, top = (w - size) // 2, (h - size) // 2
     return image.crop((left, top, left + size, top + size))
+
+
+def square_crop_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """Resize the short side to ``size``, centre-crop a square: (size, size, 3) uint8."""
+    return np.asarray(center_crop(resize_short_side(image.convert("RGB"), size), size), dtype=np.uint8)

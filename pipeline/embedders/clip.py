@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import EmbedderConfig
-from pipeline.embedders.base import Embedder, center_crop, l2_normalize, resize_short_side
+from pipeline.embedders.base import Embedder, l2_normalize, square_crop_uint8
 from pipeline.embedders.torch_util import file_sha256, local_copy, pick_device, to_normalized_tensor
 from pipeline.io import Storage, read_bytes
 
@@ -17,6 +17,14 @@ def known_architectures() -> set[str]:
     import open_clip
 
     return set(open_clip.list_models())
+
+
+def model_image_size(arch: str) -> int:
+    """Input size from the architecture's config alone (no weights needed)."""
+    import open_clip
+
+    size = open_clip.get_model_config(arch)["vision_cfg"]["image_size"]
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def register_config(url: str, storage: Storage | None = None) -> str:
@@ -61,8 +69,7 @@ class OpenClipEmbedder(Embedder):
             self.dim = int(self._forward(probe).shape[1])
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        image = center_crop(resize_short_side(image.convert("RGB"), self.image_size), self.image_size)
-        return np.asarray(image, dtype=np.uint8)
+        return square_crop_uint8(image, self.image_size)
 
     def _forward(self, batch: np.ndarray):
         x = to_normalized_tensor(batch, self.mean, self.std, self.device)

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import EmbedderConfig
-from pipeline.embedders.base import Embedder, center_crop, l2_normalize, resize_short_side
+from pipeline.embedders.base import Embedder, l2_normalize, square_crop_uint8
 from pipeline.embedders.torch_util import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -42,8 +42,7 @@ class SscdEmbedder(Embedder):
             self.dim = int(self._forward(probe).shape[1])
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        image = center_crop(resize_short_side(image.convert("RGB"), self.image_size), self.image_size)
-        return np.asarray(image, dtype=np.uint8)
+        return square_crop_uint8(image, self.image_size)
 
     def _forward(self, batch: np.ndarray):
         return self.model(to_normalized_tensor(batch, IMAGENET_MEAN, IMAGENET_STD, self.device)).float()
