@@ -208,6 +208,12 @@ def load_run(run_url: str, storage: Storage | None = None) -> RunData:
         matches=_read_table(join(run_url, MATCHES), matches_schema(), storage, required=True),
         baseline=_read_table(join(run_url, BASELINE), baseline_schema(), storage, required=False),
     )
+    folder = run_url.rsplit("/", 1)[-1]
+    if folder.startswith("run_id=") and data.run_id and folder != f"run_id={data.run_id}":
+        raise MismatchError(
+            f"{run_url} is named for run {folder[len('run_id='):]!r} but its run.json says {data.run_id!r}:"
+            " hive readers would attribute its rows to the wrong run"
+        )
     for name, table in ((QUERIES, data.queries), (MATCHES, data.matches), (BASELINE, data.baseline)):
         if table is None or not data.run_id:
             continue
@@ -467,6 +473,8 @@ def _box_svg(boxes: list[tuple[list[int], str, bool, str]], width: int, height: 
         return ""
     rects = []
     for box, colour, dashed, label in boxes:
+        if box is None or len(box) != 4 or any(v is None for v in box):
+            continue
         x0, y0, x1, y1 = (int(v) for v in box)
         dash = ' stroke-dasharray="6 4"' if dashed else ""
         rects.append(

@@ -441,6 +441,10 @@ def test_bad_run_directories_fail_with_a_message(corpus, tmp_path):
     shutil.copy(other / "matches.parquet", run_dir / "matches.parquet")
     with pytest.raises(MismatchError, match="different runs"):
         run_report(str(run_dir))
+    renamed = other.parent / "run_id=r3"
+    shutil.copytree(other, renamed)
+    with pytest.raises(MismatchError, match="named for run 'r3'"):
+        run_report(str(renamed))
     with pytest.raises(ConfigError, match="--top"):
         run_report(str(other), top=0)
     assert not (run_dir / "summary.json").exists()
