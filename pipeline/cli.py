@@ -112,6 +112,115 @@ from pipeline.report import report_command
 app.command("report")(report_command)
 
 
+@app.command()
+@user_errors
+def search(
+    queries: Annotated[Optional[str], typer.Option("--queries", "-q", help="Generated images: folder, tar URL/glob, or Parquet.")] = None,
+    index: Annotated[Optional[str], typer.Option(help="Built index folder (holds manifest.json).")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Results root; the run lands in {output}/run_id={run}/.")] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="Run name (default: UTC timestamp).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Matches kept per query.")] = None,
+    candidates: Annotated[Optional[int], typer.Option(help="ANN candidates per query region before exact rerank.")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(help="IVF lists probed (0 = the index default).")] = None,
+    regions: Annotated[Optional[bool], typer.Option("--regions/--no-regions", help="Also search regions of each query.")] = None,
+    rerank: Annotated[Optional[str], typer.Option(help="Second-stage descriptor on candidate pixels: sscd | open_clip | default.")] = None,
+    rerank_checkpoint: Annotated[Optional[str], typer.Option(help="Weights of the rerank descriptor.")] = None,
+    rerank_top: Annotated[Optional[int], typer.Option(help="Candidates per query given to the second stage.")] = None,
+    verify_top: Annotated[Optional[int], typer.Option(help="Verify the best N candidates with local features (0 = off).")] = None,
+    blocklist: Annotated[Optional[list[str]], typer.Option(help="File of keys/URLs/sha256 never fetched or shown (repeatable).")] = None,
+    subset: Annotated[Optional[str], typer.Option(help="Parquet/CSV/TXT of keys or URLs forming the subset (e.g. the 12M).")] = None,
+    fpr: Annotated[Optional[float], typer.Option(help="False-positive rate for the calibrated threshold.")] = None,
+    baseline_size: Annotated[Optional[int], typer.Option(help="Corpus images sampled for the self-similarity baseline.")] = None,
+    address: RayAddress = None,
+    s3_endpoint_url: S3Endpoint = None,
+    s3_region: S3Region = None,
+    config: ConfigFile = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
+):
+    """Search generated images against the corpus index and write matches, summary and report."""
+    from pipeline.config import SearchConfig, build, load_file, merge
+    from pipeline.search import run_dir, run_search
+
+    flags = {
+        "queries": queries, "index": index, "output": output, "run_id": run_id, "top_k": top_k,
+        "candidates": candidates, "nprobe": nprobe, "regions": regions, "rerank_top": rerank_top,
+        "verify_top": verify_top, "blocklist": blocklist or None, "subset": subset, "fpr": fpr,
+        "baseline_size": baseline_size, "ray_address": address,
+        "rerank": {"name": rerank, "checkpoint": rerank_checkpoint},
+        "storage": storage_overrides(s3_endpoint_url, s3_region),
+    }
+    cfg = build(SearchConfig, merge(load_file(config), flags))
+    summary = run_search(cfg, progress=not quiet)
+    print_summary(summary)
+    typer.echo(f"results: {run_dir(cfg)}  (report.html, summary.json, matches.parquet, queries.parquet)")
+
+
+def print_summary(summary: dict) -> None:
+    from pipeline.report import summary_lines
+
+    for line in summary_lines(summary):
+        typer.echo(line)
+
+
+@app.command()
+@user_errors
+def demo(
+    workdir: Annotated[str, typer.Option(help="Where the demo corpus, index and results go.")] = "demo-output",
+    corpus_size: Annotated[int, typer.Option(help="Corpus images.")] = 2000,
+    copies_per_edit: Annotated[int, typer.Option(help="Planted copies per edit type.")] = 8,
+    pasted: Annotated[int, typer.Option(help="Planted pasted-object copies.")] = 12,
+    novel: Annotated[int, typer.Option(help="Generated images that copy nothing.")] = 24,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
+):
+    """The main job on embedded defaults: build a corpus, plant copies, embed, index, search, report."""
+    from pipeline.demo import DemoConfig, run_demo
+
+    out = run_demo(DemoConfig(workdir=workdir, corpus_size=corpus_size, copies_per_edit=copies_per_edit,
+                              pasted=pasted, novel=novel), progress=not quiet,
+                   log=(lambda *_: None) if quiet else typer.echo)
+    scores = out["scores"]
+    print_summary(out["summary"])
+    typer.echo("recall@1 of planted copies, per edit:")
+    for edit, r in scores["recall_at_1"].items():
+        typer.echo(f"  {edit:22s} {r:6.1%}  ({scores['copies'][edit]} copies)")
+    typer.echo(f"subset attribution correct: {scores['subset_attribution_correct']:.1%}")
+    typer.echo(f"false positives at the calibrated threshold ({scores['calibrated_threshold']:.3f}): "
+               f"{scores['false_positives_at_calibrated']} of {scores['novel_queries']} novel images")
+    typer.echo(f"report: {scores['report']}")
+
+
+@app.command("pipeline")
+@user_errors
+def pipeline_command(
+    config: Annotated[str, typer.Option("--config", "-c", help="YAML/TOML with sections embed, index, search.")],
+    address: RayAddress = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
+):
+    """The whole chain for scheduled runs: embed, build or extend the index, search, report."""
+    from pipeline.config import EmbedConfig, IndexConfig, SearchConfig, build, load_file, merge
+    from pipeline.embed import run_embed
+    from pipeline.errors import ConfigError
+    from pipeline.index.build import run_build
+    from pipeline.search import run_dir, run_search
+
+    data = load_file(config)
+    unknown = sorted(set(data) - {"embed", "index", "search"})
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r} in {config}; sections are embed, index, search")
+    ray_flags = {"ray": {"address": address}} if address else {}
+    embed_cfg = build(EmbedConfig, merge(data.get("embed") or {}, ray_flags), "embed") if "embed" in data else None
+    index_cfg = build(IndexConfig, merge(data.get("index") or {}, {"ray_address": address}), "index")
+    search_cfg = build(SearchConfig, merge(data.get("search") or {}, {"ray_address": address}), "search")
+    log = (lambda *_: None) if quiet else typer.echo
+    if embed_cfg is not None:
+        s = run_embed(embed_cfg, progress=not quiet)
+        log(f"embed: {s.embedded}/{s.images} images in {s.shards_done} new shards ({s.shards_skipped} already complete)")
+    run_build(index_cfg, log=log)
+    summary = run_search(search_cfg, progress=not quiet)
+    print_summary(summary)
+    typer.echo(f"results: {run_dir(search_cfg)}")
+
+
 def main() -> None:
     app()
 

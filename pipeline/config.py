@@ -143,3 +143,125 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+@dataclass
+class IndexConfig:
+    """`replica index train|add|merge|build`: the sharded IVF-PQ index over embedding shards."""
+
+    #: embedding folder ({shard}.parquet + {shard}.stats.json + _replica.json), local or s3://
+    embeddings: str = ""
+    #: index folder: registry, trained index, parts, ledger, index shards, manifest
+    index: str = ""
+    storage: Storage = field(default_factory=Storage)
+    #: Ray address; empty = RAY_ADDRESS or a local Ray
+    ray_address: str | None = None
+    #: faiss factory string; empty = chosen from memory_budget_gb and the corpus size
+    factory: str = ""
+    #: RAM for the whole index's inverted lists (codes + ids), used to choose the factory
+    memory_budget_gb: float = 0.0
+    #: "ip" (cosine on L2-normalised vectors) or "l2"
+    metric: str = "ip"
+    #: IVF lists when choosing the factory; 0 = ~4*sqrt(n), capped at max_nlist
+    nlist: int = 0
+    max_nlist: int = 131072
+    #: training sample size; 0 = from nlist (64 per list, >= 65536, <= train_cap)
+    train_size: int = 0
+    train_cap: int = 2_000_000
+    #: training reads at most this many shards (chosen uniformly at random)
+    train_max_shards: int = 2048
+    seed: int = 0
+    #: "auto" = faiss-gpu when it is installed and CUDA is present; "cpu"; "cuda"
+    train_device: str = "auto"
+    #: embedding shards per add task (one index part each)
+    group_size: int = 100
+    #: CPUs per add task (faiss threads inside it)
+    cpus_per_task: float = 1
+    #: add tasks in flight at once; 0 = cluster CPUs / cpus_per_task
+    max_tasks_in_flight: int = 0
+    #: also write each shard's vectors as a raw fp16 side file for exact rerank by byte range
+    write_vectors: bool = True
+    #: RAM of one serving actor for its index shard(s); decides how many index shards
+    shard_memory_gb: float = 8.0
+    #: parts merged at once; more parts are merged in stages
+    merge_fanin: int = 64
+    #: default lists probed at search time
+    nprobe: int = 64
+    #: search actors; 0 = one per index shard, at most the cluster's CPUs
+    num_actors: int = 0
+    #: faiss threads per search actor / driver step; 0 = all cores
+    threads: int = 0
+
+
+@dataclass
+class ImportConfig:
+    """`replica import-embeddings`: clip-retrieval / LAION release layout -> embedding Parquet."""
+
+    #: folder holding img_emb/img_emb_{i}.npy and metadata/metadata_{i}.parquet
+    input: str = ""
+    #: embedding folder to write ({shard}.parquet, {shard}.stats.json, _replica.json)
+    output: str = ""
+    storage: Storage = field(default_factory=Storage)
+    #: embedder identity of the released vectors (e.g. open_clip / ViT-L-14 / openai)
+    embedder: str = ""
+    model: str = ""
+    weights: str = ""
+    preprocess: str = ""
+    #: expected dim; 0 = take it from the .npy files
+    dim: int = 0
+    #: rows per output shard (a released .npy of ~1M rows becomes several shards)
+    rows_per_shard: int = 100_000
+    #: rows per Parquet row group (small groups keep row lookups cheap)
+    row_group_size: int = 1024
+    #: output shard names are {prefix}{file index:06d}_{chunk:04d}
+    prefix: str = "emb-"
+    #: which metadata column holds each field (missing columns become null)
+    key_column: str = "key"
+    url_column: str = "url"
+    caption_column: str = "caption"
+
+
+@dataclass
+class SearchConfig:
+    """`replica search`: generated images against the index, then the report."""
+
+    #: generated images: a folder (images + optional {stem}.txt prompts), tar URL(s)/glob, or a Parquet file
+    queries: str = ""
+    #: a built index folder (holds manifest.json)
+    index: str = ""
+    #: results root; this run lands in {output}/run_id={run_id}/
+    output: str = ""
+    #: run name; empty = a UTC timestamp
+    run_id: str = ""
+    #: query embedder; empty name = the settings the corpus was embedded with (from the index)
+    embedder: EmbedderConfig = field(default_factory=lambda: EmbedderConfig(name=""))
+    storage: Storage = field(default_factory=Storage)
+    ray_address: str | None = None
+    #: matches kept per query
+    top_k: int = 10
+    #: ANN candidates per query region before the exact rerank
+    candidates: int = 100
+    #: IVF lists probed; 0 = the index's default
+    nprobe: int = 0
+    #: also search several regions of each query (when the embedder offers it)
+    regions: bool = True
+    #: optional second-stage descriptor computed on candidate pixels (e.g. sscd); empty name = off
+    rerank: EmbedderConfig = field(default_factory=lambda: EmbedderConfig(name=""))
+    #: candidates per query given to the second stage (fetched by ranged reads)
+    rerank_top: int = 20
+    #: local-feature verification of the best N candidates per query; 0 = off
+    verify_top: int = 5
+    #: files of keys, URLs or sha256 hashes never to show or fetch (Parquet/CSV/TXT)
+    blocklist: list[str] = field(default_factory=list)
+    #: Parquet/CSV/TXT of keys or URLs forming "the subset" (e.g. LAION Aesthetics 6+)
+    subset: str | None = None
+    #: the paper's thresholds (meaningful for SSCD-style descriptors)
+    replication_threshold: float = 0.5
+    duplicate_threshold: float = 0.95
+    #: false-positive rate at which a threshold is calibrated on the baseline
+    fpr: float = 0.01
+    #: corpus images sampled for the self-similarity baseline
+    baseline_size: int = 1000
+    #: neighbours looked at when counting near-duplicates of a match or baseline sample
+    dup_neighbours: int = 50
+    seed: int = 0

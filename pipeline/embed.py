@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline import schema
-from pipeline.config import EmbedConfig, EmbedderConfig
+from pipeline.config import EmbedConfig, EmbedderConfig, to_dict
 from pipeline.embedders import build_embedder, build_preprocessor, check_same_identity, validate
 from pipeline.errors import ConfigError, ReplicaError
 from pipeline.io import Storage, atomic_output, check_writable, exists, expand_inputs, filesystem, join, read_json, write_json
@@ -91,10 +91,12 @@ def check_output_identity(output: str, identity: dict[str, Any], storage: Storag
         check_same_identity(read_json(url, storage)["identity"], identity, f"output {output!r}")
 
 
-def write_manifest(output: str, identity: dict[str, Any], storage: Storage | None) -> None:
+def write_manifest(output: str, identity: dict[str, Any], embedder: EmbedderConfig, storage: Storage | None) -> None:
+    """Record what made the vectors; the embedder settings let search rebuild the same embedder."""
     url = join(output, MANIFEST)
     if not exists(url, storage):
-        write_json(url, {"identity": identity, "format_version": schema.FORMAT_VERSION}, storage)
+        record = {"identity": identity, "embedder_config": to_dict(embedder), "format_version": schema.FORMAT_VERSION}
+        write_json(url, record, storage)
 
 
 def completed_shards(output: str, storage: Storage | None) -> set[str]:
@@ -336,7 +338,7 @@ def run_embed(cfg: EmbedConfig, progress: bool = True, on_shard_done: Callable[[
         last = [line for line in str(exc).strip().splitlines() if line.strip()][-1]
         raise ReplicaError(f"the embedding actor could not load the embedder: {last.strip()}") from None
     check_output_identity(cfg.output, identity, cfg.storage)
-    write_manifest(cfg.output, identity, cfg.storage)
+    write_manifest(cfg.output, identity, cfg.embedder, cfg.storage)
 
     done = completed_shards(cfg.output, cfg.storage)
     todo = [(t, s) for t, s in zip(p.tars, p.shards) if s not in done]

@@ -328,7 +328,9 @@ def summarize(data: RunData) -> dict[str, Any]:
     }
 
     embedder = run.get("embedder") or {}
-    embedder_name = str(embedder.get("name", "")) if isinstance(embedder, dict) else str(embedder)
+    embedder_name = (
+        str(embedder.get("embedder") or embedder.get("name") or "") if isinstance(embedder, dict) else str(embedder)
+    )
     if "sscd" not in embedder_name.lower():
         warnings.append(
             f"the paper's thresholds (0.5, 0.95) are meaningful for SSCD descriptors; this run used "
@@ -755,18 +757,23 @@ def report_command(
     except ReplicaError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    for line in summary_lines(summary):
+        typer.echo(line)
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The headline figures of a summary, as the CLI prints them."""
     q = summary["queries"]
-    typer.echo(f"run {summary['run_id']}: {q['count']} queries")
+    lines = [f"run {summary['run_id']}: {q['count']} queries"]
     for name, entry in summary["replication"].items():
         r = entry["all"]
         if r["rate"] is None:
             continue
         lo, hi = r["ci95"]
-        typer.echo(
+        lines.append(
             f"  {name:<12} >= {entry['threshold']:.3f}: {100 * r['rate']:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]"
             f" ({r['count']}/{r['n']}), copy only outside subset {100 * entry['outside_subset_only']['rate']:.2f}%"
         )
-    for w in summary["warnings"]:
-        typer.echo(f"  warning: {w}")
-    for url in summary["outputs"].values():
-        typer.echo(f"  wrote {url}")
+    lines.extend(f"  warning: {w}" for w in summary["warnings"])
+    lines.extend(f"  wrote {url}" for url in summary["outputs"].values())
+    return lines
