@@ -1,0 +1,138 @@
+"""Exact rerank: fetch the stored fp16 vectors of candidate ids and rescore them exactly.
+
+Two sources, same answer:
+
+* ``SideFileVectors``: ``{index}/vectors/{number:09d}.f16`` (written by add), row-major fp16;
+  one vector is ``dim * 2`` bytes at offset ``row * dim * 2``, so a candidate costs one small
+  ranged read (neighbouring rows are coalesced; all ranges go out in one batched call).
+* ``ParquetVectors``: the embedding Parquet rows themselves (via the registry), reading only
+  the row groups that hold candidates (a whole row group per candidate at worst).
+
+docs/BENCHMARKS.md measures both per 1,000 candidates.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline import io
+from pipeline.index.manifest import Layout
+from pipeline.index.registry import Registry, decode_ids, fetch_rows
+from pipeline.schema import vectors_of
+
+
+class VectorSource(Protocol):
+    dim: int
+
+    def fetch(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) int64 ids (no -1) -> (n, dim) float32 vectors, same order."""
+
+
+class SideFileVectors:
+    def __init__(self, index_url: str, dim: int, storage: io.Storage | None = None, max_gap_rows: int = 4):
+        self.layout = Layout(index_url)
+        self.dim = int(dim)
+        self.storage = storage
+        self.max_gap_rows = max_gap_rows
+        self.bytes_read = 0
+        self.requests = 0
+
+    def fetch(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        if len(ids) == 0:
+            return out
+        shards, rows = decode_ids(ids)
+        vb = self.dim * 2
+        paths, starts, ends, spans = [], [], [], []
+        fs = None
+        for s in np.unique(shards):
+            sel = np.nonzero(shards == s)[0]
+            order = sel[np.argsort(rows[sel], kind="stable")]
+            url = self.layout.vectors(int(s))
+            if fs is None:
+                fs, _ = io.filesystem(url, self.storage)
+            path = io.filesystem(url, self.storage)[1]
+            run = [order[0]]
+            for j in order[1:]:
+                if rows[j] - rows[run[-1]] <= self.max_gap_rows:
+                    run.append(j)
+                else:
+                    spans.append(run)
+                    run = [j]
+            spans.append(run)
+            for r in spans[len(starts):]:
+                paths.append(path)
+                starts.append(int(rows[r[0]]) * vb)
+                ends.append((int(rows[r[-1]]) + 1) * vb)
+        blobs = fs.cat_ranges(paths, starts, ends)
+        for run, blob, start in zip(spans, blobs, starts):
+            if isinstance(blob, Exception):
+                raise blob
+            arr = np.frombuffer(blob, dtype=np.float16).reshape(-1, self.dim)
+            for j in run:
+                out[j] = arr[(int(rows[j]) * vb - start) // vb]
+            self.bytes_read += len(blob)
+        self.requests += len(starts)
+        return out
+
+
+class ParquetVectors:
+    def __init__(self, registry: Registry, dim: int, storage: io.Storage | None = None, threads: int = 8):
+        self.registry = registry
+        self.dim = int(dim)
+        self.storage = storage
+        self.threads = threads
+
+    def fetch(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        table = fetch_rows(ids, self.registry, self.storage, columns=["embedding"], threads=self.threads)
+        return vectors_of(table)
+
+
+def exact_rerank(
+    queries: np.ndarray,
+    candidate_ids: np.ndarray,
+    source: VectorSource,
+    k: int,
+    metric: str = "ip",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rescore (n, c) candidate ids exactly against their stored vectors; best ``k`` per query.
+
+    Each distinct id is fetched once. Scores are inner products (``metric="ip"``, cosine on
+    normalised vectors) or squared L2 distances (``"l2"``); -1 candidates stay at the end.
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    cand = np.asarray(candidate_ids, dtype=np.int64)
+    uniq, inverse = np.unique(cand[cand >= 0], return_inverse=True)
+    vecs = source.fetch(uniq)
+    pos = np.full(cand.shape, -1, dtype=np.int64)
+    pos[cand >= 0] = inverse
+    worst = -np.inf if metric == "ip" else np.inf
+    scores = np.full(cand.shape, worst, dtype=np.float32)
+    for r in range(len(q)):
+        valid = pos[r] >= 0
+        v = vecs[pos[r, valid]]
+        if metric == "ip":
+            scores[r, valid] = v @ q[r]
+        else:
+            scores[r, valid] = ((v - q[r]) ** 2).sum(axis=1)
+    key = -scores if metric == "ip" else scores
+    order = np.lexsort((np.where(cand < 0, np.iinfo(np.int64).max, cand), key), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(cand, order, axis=1)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean share of the true top-k ids found in the first k results."""
+    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth)]
+    return float(np.mean(hits) / k)
+
+
+def source_for(index_url: str, manifest: dict[str, Any], storage: io.Storage | None = None, kind: str = "side") -> VectorSource:
+    """The vector source an index offers: ``side`` files when add wrote them, else ``parquet``."""
+    if kind == "side":
+        return SideFileVectors(index_url, manifest["dim"], storage)
+    return ParquetVectors(Registry.load(index_url, storage), manifest["dim"], storage)
