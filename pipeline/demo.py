@@ -158,6 +158,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict[str, Any
     from pipeline.config import EmbedConfig, IndexConfig, SearchConfig
     from pipeline.embed import run_embed
     from pipeline.index.build import run_build
+    from pipeline.index.factory import default_nlist
     from pipeline.search import run_dir, run_search
 
     work = cfg.workdir
@@ -168,7 +169,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict[str, Any
 
     s = run_embed(EmbedConfig(input=[join(work, "corpus", "*.tar")], output=join(work, "embeddings")), progress=progress)
     log(f"embedded {s.embedded}/{s.images} corpus images ({s.images_per_s:.0f} img/s)")
-    run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"), nprobe=16), log=log)
+    # A corpus this small trains OPQ slowly for no gain: plain IVF-PQ, exact rerank restores scores.
+    nlist = default_nlist(s.embedded)
+    run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"), nprobe=nlist,
+                          factory=f"IVF{nlist},PQ32x8"), log=log)
 
     search = SearchConfig(queries=join(work, "generated"), index=join(work, "index"), output=join(work, "results"),
                           run_id="demo", subset=join(work, "subset.parquet"), baseline_size=min(500, cfg.corpus_size))
