@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -147,16 +148,18 @@ def test_killed_actor_is_restarted_and_every_key_lands_once(tmp_path, ray_local)
 def test_killed_driver_then_rerun_gives_every_key_exactly_once(tmp_path):
     make_sample_tars(str(tmp_path / "tars"), tars=8, per_tar=40)
     out = tmp_path / "emb"
-    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "ray"))
+    # Ray's socket paths must stay short: its own temp dir under /tmp.
+    env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="rk-", dir="/tmp"))
     args = [*REPLICA, "embed", "-i", str(tmp_path / "tars" / "*.tar"), "-o", str(out),
             "--max-tars-in-flight", "1", "--batch-size", "8", "-q"]
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
         while len(list(out.glob("*.stats.json"))) < 2 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     done_before = len(list(out.glob("*.stats.json")))
     assert 2 <= done_before < 8, "the kill landed mid-run"
