@@ -250,7 +250,7 @@ class SearchConfig:
     #: candidates per query given to the second stage (fetched by ranged reads)
     rerank_top: int = 20
     #: local-feature verification of the best N candidates per query; 0 = off
-    verify_top: int = 5
+    verify_top: int = 10
     #: files of keys, URLs or sha256 hashes never to show or fetch (Parquet/CSV/TXT)
     blocklist: list[str] = field(default_factory=list)
     #: Parquet/CSV/TXT of keys or URLs forming "the subset" (e.g. LAION Aesthetics 6+)

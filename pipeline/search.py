@@ -29,6 +29,7 @@ from pipeline.errors import ConfigError
 from pipeline.io import Storage, check_writable, join, read_json, write_json
 
 RUN_PREFIX = "run_id="
+ROW_COLUMNS = ["key", "url", "caption", "tar_url", "tar_offset", "tar_size", "sha256"]
 
 
 @dataclass
@@ -95,18 +96,27 @@ def validate(cfg: SearchConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the search
 
 
-def embed_queries(embedder, queries, regions: bool) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
-    """All region vectors of all queries, the query each belongs to, and each region's box."""
+def embed_queries(embedder, images, regions: bool) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
+    """All region vectors of all images, the image each belongs to, and each region's box."""
     vecs, owner, boxes = [], [], []
-    for qi, q in enumerate(queries):
+    for qi, image in enumerate(images):
         if regions:
-            v, b = embedder.embed_regions(q.image)
+            v, b = embedder.embed_regions(image)
         else:
-            v, b = embedder.embed_images([q.image]), [(0, 0, q.image.width, q.image.height)]
+            v, b = embedder.embed_images([image]), [(0, 0, image.width, image.height)]
         vecs.append(v)
         owner.extend([qi] * len(v))
         boxes.extend(b)
     return np.concatenate(vecs).astype(np.float32), np.array(owner), boxes
+
+
+def candidate_search(vecs, owner, n_owners, searcher, source, cfg: SearchConfig) -> list[dict[int, "Candidate"]]:
+    """ANN candidates of every region vector, rescored exactly, merged per owner and corpus image."""
+    from pipeline.index.rerank import exact_rerank
+
+    ann_scores, ann_ids = searcher.search(vecs, cfg.candidates)
+    exact_scores, exact_ids = exact_rerank(vecs, ann_ids, source, cfg.candidates)
+    return best_per_corpus_image(owner, ann_scores, ann_ids, exact_scores, exact_ids, n_owners)
 
 
 def best_per_corpus_image(owner, ann_scores, ann_ids, exact_scores, exact_ids, n_queries) -> list[dict[int, Candidate]]:
@@ -166,8 +176,8 @@ def verify_stage(queries, picks: list[list[Candidate]], cfg: SearchConfig, stora
         for c, v in zip(top, verifier.verify_many(q.image, images)):
             c.inliers, c.verify_score = int(v.inliers), float(v.score)
             c.query_box, c.match_box = v.query_box, v.candidate_box
-        # A verified candidate outranks an unverified one; among each, the score decides.
-        cands[: len(top)] = sorted(top, key=lambda c: (not (c.verify_score or 0) > 0, -c.score))
+        # Verification adds its score (0 when unverified, towards 1 with many inliers) for ranking.
+        cands[: len(top)] = sorted(top, key=lambda c: -(c.score + (c.verify_score or 0)))
 
 
 def neighbours(ids: list[int], searcher, source, cfg: SearchConfig) -> dict[int, list[tuple[float, int]]]:
@@ -223,25 +233,21 @@ def run_search(cfg: SearchConfig, progress: bool = True) -> dict[str, Any]:
     counters = {"pixels_fetched": 0, "blocked": 0}
     steps = Steps(progress)
 
+    regions = cfg.regions
     with steps.step(f"embedding {len(queries)} queries"):
         embedder = build_embedder(cfg.embedder, storage)
-        qvecs, owner, boxes = embed_queries(embedder, queries, cfg.regions and cfg.embedder.name != "")
-    nprobe = cfg.nprobe or None
+        qvecs, owner, boxes = embed_queries(embedder, [q.image for q in queries], regions)
     with IndexSearcher(cfg.index, storage, identity=embedder.identity(), ray_address=cfg.ray_address,
-                       **({"nprobe": nprobe} if nprobe else {})) as searcher:
+                       **({"nprobe": cfg.nprobe} if cfg.nprobe else {})) as searcher:
         cfg.nprobe = searcher.nprobe
         source = source_for(cfg.index, manifest, storage)
         registry = Registry.load(cfg.index, storage)
         with steps.step(f"searching {len(qvecs)} query regions across {len(manifest['shards'])} index shards"):
-            ann_scores, ann_ids = searcher.search(qvecs, cfg.candidates, nprobe)
-            exact_scores, exact_ids = exact_rerank(qvecs, ann_ids, source, cfg.candidates)
-            per_query = best_per_corpus_image(owner, ann_scores, ann_ids, exact_scores, exact_ids, len(queries))
+            per_query = candidate_search(qvecs, owner, len(queries), searcher, source, cfg)
 
         with steps.step("dropping blocklisted candidates and reading their rows"):
             all_ids = sorted({i for found in per_query for i in found})
-            rows = fetch_rows(all_ids, registry, storage, columns=["key", "url", "caption", "tar_url", "tar_offset",
-                                                                   "tar_size", "sha256"]).to_pylist() if all_ids else []
-            by_id = {r["id"]: r for r in rows}
+            by_id = {r["id"]: r for r in fetch_rows(all_ids, registry, storage, columns=ROW_COLUMNS).to_pylist()} if all_ids else {}
             picks: list[list[Candidate]] = []
             for found in per_query:
                 kept = []
@@ -261,23 +267,13 @@ def run_search(cfg: SearchConfig, progress: bool = True) -> dict[str, Any]:
         picks = [p[: cfg.top_k] for p in picks]
 
         with steps.step("counting near-duplicates of the matches"):
-            match_ids = sorted({c.id for p in picks for c in p})
-            groups = neighbours(match_ids, searcher, source, cfg)
-        with steps.step(f"baseline: {cfg.baseline_size} corpus images against the corpus"):
-            rng = np.random.default_rng(cfg.seed)
-            base_ids = sample_baseline_ids(registry, manifest, cfg.baseline_size, rng, storage).tolist()
-            base_nn = neighbours(base_ids, searcher, source, cfg)
-            # A corpus vector searched for must come back as itself: the share that does is the
-            # index's recall for exact copies at this nprobe (candidates rescored exactly).
-            self_recall = float(np.mean([any(n == i for _, n in base_nn[i]) for i in base_ids])) if base_ids else None
-            base_nn = {i: [(sc, n) for sc, n in pairs if n != i] for i, pairs in base_nn.items()}
-            base_rows = {r["id"]: r for r in fetch_rows(base_ids, registry, storage, columns=["key"]).to_pylist()} if base_ids else {}
-            nn_keys = {r["id"]: r["key"] for r in fetch_rows(
-                sorted({n for pairs in base_nn.values() for _, n in pairs[:1]}), registry, storage, columns=["key"]
-            ).to_pylist()} if base_nn else {}
+            groups = neighbours(sorted({c.id for p in picks for c in p}), searcher, source, cfg)
+        with steps.step(f"baseline: {cfg.baseline_size} corpus images searched like the queries"):
+            baseline, self_recall = run_baseline(cfg, embedder, searcher, source, registry, manifest, blocklist,
+                                                 counters, regions)
 
-    baseline = baseline_table(cfg.run_id, base_ids, base_nn, base_rows, nn_keys, cfg.duplicate_threshold)
-    calibrated = calibrate_threshold(baseline["top1_score_no_dups"], cfg.fpr) if base_ids else None
+    scored = [s for s in baseline["top1_score_no_dups"] if s is not None]
+    calibrated = calibrate_threshold(scored, cfg.fpr) if scored else None
     identity = embedder.identity()
     out = run_dir(cfg)
     with steps.step(f"writing results to {out}"):
@@ -291,18 +287,49 @@ def run_search(cfg: SearchConfig, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def baseline_table(run_id, ids, nn, rows, nn_keys, dup_threshold) -> dict[str, list]:
-    out = {"run_id": [run_id] * len(ids), "sample_key": [], "top1_score": [], "top1_key": [], "top1_score_no_dups": [], "near_dup_count": []}
-    for i in ids:
-        pairs = nn.get(i, [])
-        dups = [s for s, _ in pairs if s >= dup_threshold]
-        no_dups = [s for s, _ in pairs if s < dup_threshold]
+def run_baseline(cfg, embedder, searcher, source, registry, manifest, blocklist, counters, regions):
+    """The corpus's self-similarity, measured the way queries are scored.
+
+    Sampled corpus images are fetched, embedded (regions included when queries use them) and
+    searched; each one's best match excludes itself and, for ``top1_score_no_dups``, its
+    near-duplicates (stored vectors scoring >= the duplicate threshold). Also returns the
+    share of samples whose own stored vector comes back when searched for: the index's recall
+    for exact copies at this nprobe.
+    """
+    from pipeline.index.registry import fetch_rows
+
+    rng = np.random.default_rng(cfg.seed)
+    ids = sample_baseline_ids(registry, manifest, cfg.baseline_size, rng, cfg.storage).tolist()
+    rows = {r["id"]: r for r in fetch_rows(ids, registry, cfg.storage, columns=ROW_COLUMNS).to_pylist()} if ids else {}
+    ids = [i for i in ids if not (blocklist and blocked(rows[i], blocklist))]
+    stored = neighbours(ids, searcher, source, cfg)
+    self_recall = float(np.mean([any(n == i for _, n in stored[i]) for i in ids])) if ids else None
+    dups = {i: {n for s, n in stored[i] if s >= cfg.duplicate_threshold and n != i} for i in ids}
+    if regions:
+        images = [fetch_image(rows[i], cfg.storage) for i in ids]
+        counters["pixels_fetched"] += len(images)
+        vecs, owner, _ = embed_queries(embedder, images, True)
+        found = candidate_search(vecs, owner, len(ids), searcher, source, cfg) if ids else []
+        scored = [sorted(((c.score_exact, c.id) for c in f.values()), reverse=True) for f in found]
+    else:
+        scored = [stored[i] for i in ids]
+    others = [[(sc, n) for sc, n in pairs if n != i] for i, pairs in zip(ids, scored)]
+    if blocklist:  # a blocked image may not stand as anyone's best match either
+        cand = sorted({n for o in others for _, n in o})
+        cand_rows = {r["id"]: r for r in fetch_rows(cand, registry, cfg.storage, columns=ROW_COLUMNS).to_pylist()} if cand else {}
+        others = [[(sc, n) for sc, n in o if not blocked(cand_rows[n], blocklist)] for o in others]
+    tops = sorted({o[0][1] for o in others if o})
+    top_keys = {r["id"]: r["key"] for r in fetch_rows(tops, registry, cfg.storage, columns=["key"]).to_pylist()} if tops else {}
+    out = {"run_id": [], "sample_key": [], "top1_score": [], "top1_key": [], "top1_score_no_dups": [], "near_dup_count": []}
+    for i, o in zip(ids, others):
+        no_dups = [sc for sc, n in o if n not in dups[i]]
+        out["run_id"].append(cfg.run_id)
         out["sample_key"].append(rows[i]["key"])
-        out["top1_score"].append(pairs[0][0] if pairs else None)
-        out["top1_key"].append(nn_keys.get(pairs[0][1]) if pairs else None)
+        out["top1_score"].append(o[0][0] if o else None)
+        out["top1_key"].append(top_keys[o[0][1]] if o else None)
         out["top1_score_no_dups"].append(no_dups[0] if no_dups else None)
-        out["near_dup_count"].append(len(dups))
-    return out
+        out["near_dup_count"].append(len(dups[i]))
+    return out, self_recall
 
 
 def in_subset(row: dict[str, Any], subset: set[str] | None) -> bool | None:
