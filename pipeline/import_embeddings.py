@@ -126,11 +126,14 @@ def write_shard(cfg: ImportConfig, name: str, npy: str, offset: int, dim: int, d
     out = io.join(cfg.output, f"{name}.parquet")
     with io.atomic_output(out, cfg.storage) as f:
         pq.write_table(table, f, row_group_size=cfg.row_group_size)
-    stats = {
+    stats = {  # the embed stage's stats fields, plus where the rows came from
         "shard": name,
-        "rows": n,
-        "ok": int(valid.sum()),
-        "errors": {STATUS_EMBED_ERROR: int((~valid).sum())} if (~valid).any() else {},
+        "tar_url": None,
+        "output": out,
+        "seen": n,
+        "embedded": int(valid.sum()),
+        "failed": {STATUS_EMBED_ERROR: int((~valid).sum())} if (~valid).any() else {},
+        "shard_error": None,
         "source": {"npy": npy, "rows": [a, b]},
         "identity": identity,
         "imported": True,
@@ -188,7 +191,7 @@ def run_import(cfg: ImportConfig, log: Callable[[str], None] = print, on_progres
             futs = [pool.submit(write_shard, cfg, jb[0], npy, jb[4], dim, jb[5], meta_cache[meta_url], jb[6], jb[7], identity)
                     for jb in mine]
             for fut in futs:
-                rows += fut.result()["rows"]
+                rows += fut.result()["seen"]
                 done += 1
                 if on_progress:
                     on_progress("import", done, len(todo))

@@ -71,7 +71,7 @@ def describe_factory(factory: str, dim: int, metric: str = "ip") -> FactoryInfo:
     except RuntimeError as exc:
         raise ConfigError(f"index factory {factory!r} is not valid for dim {dim}: {str(exc).splitlines()[-1]}") from None
     try:
-        ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     except RuntimeError:
         raise ConfigError(f"index factory {factory!r} is not an IVF index; use e.g. IVF4096,PQ64") from None
     fixed = ivf.nlist * ivf.d * 4
@@ -129,7 +129,9 @@ def choose_factory(
             f"needs at least {human_bytes(need)}; raise index.memory_budget_gb"
         )
     m = max(fitting)
-    use_opq = opq if opq is not None else True
+    # OPQ helps recall a little at equal code size but its training is slow on CPUs
+    # (minutes at 512-d); give opq=True or an explicit factory to use it.
+    use_opq = bool(opq)
     coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_NLIST else f"IVF{nlist}"
     prefix = f"OPQ{m}_{dim}," if use_opq else ""
     return f"{prefix}{coarse},PQ{m}x8"

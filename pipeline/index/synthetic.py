@@ -79,7 +79,9 @@ def write_shard(folder: str, name: str, vectors: np.ndarray, ident: dict[str, An
         pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
     if complete:
         ok = int(len(vectors) - (0 if bad is None else bad.sum()))
-        io.write_json(io.join(folder, f"{name}.stats.json"), {"shard": name, "rows": len(vectors), "ok": ok}, storage)
+        stats = {"shard": name, "seen": len(vectors), "embedded": ok, "shard_error": None,
+                 "failed": {"decode_error": len(vectors) - ok} if ok < len(vectors) else {}}
+        io.write_json(io.join(folder, f"{name}.stats.json"), stats, storage)
 
 
 def write_folder_info(folder: str, ident: dict[str, Any], storage: io.Storage | None = None) -> None:

@@ -1,0 +1,317 @@
+"""Index scale benchmark: build replica's sharded IVF-PQ index over N synthetic vectors.
+
+    .venv/bin/python bench/index_scale.py --n 1000000 --out bench/out/idx1m --autofaiss /tmp/autofaiss-venv/bin/python
+
+Vectors have realistic structure (a random projection of a 48-d Gaussian mixture plus small
+noise, L2-normalised; see pipeline/index/synthetic.py) and are written as embedding Parquet
+shards, exactly what the embed stage writes. Then: train / add (Ray tasks) / merge timings,
+bytes per vector on disk and in RAM, queries/s and recall@1/@10 against exact brute force at
+several nprobe, recall after exact rerank, the cost of fetching 1,000 candidates' vectors
+(raw fp16 side file vs Parquet), and optionally autofaiss on the same vectors and memory
+budget, run in its own venv (autofaiss 2.18 needs numpy<2 and faiss-cpu 1.9).
+Results go to {out}/result.json. Every step is resumable (reruns skip written shards and
+a built index).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from pipeline import io  # noqa: E402
+from pipeline.config import IndexConfig  # noqa: E402
+from pipeline.index.registry import Registry, decode_ids, encode_ids, list_complete_shards  # noqa: E402
+from pipeline.index.synthetic import MixtureSource, identity, write_folder_info, write_shard  # noqa: E402
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def machine() -> str:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()}"
+
+
+def generate(src: MixtureSource, folder: str, n: int, rows: int) -> float:
+    t = time.time()
+    write_folder_info(folder, identity(src.dim))
+    done = set(list_complete_shards(folder)) if Path(folder).exists() else set()
+    shards = (n + rows - 1) // rows
+    for s in range(shards):
+        name = f"{s:06d}"
+        if name in done:
+            continue
+        m = min(rows, n - s * rows)
+        write_shard(folder, name, src.batch(s, m), identity(src.dim))
+    return time.time() - t
+
+
+def exact_topk(queries: np.ndarray, folder: str, reg: Registry, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force over every ok vector, streaming shard by shard (fp16 stored values)."""
+    from pipeline.index.train import read_ok_vectors
+
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    for number in range(len(reg)):
+        rows, x = read_ok_vectors(reg.url(number), None)
+        s = queries @ x.T
+        ids = encode_ids(number, rows)
+        cs = np.concatenate([best_s, s], axis=1)
+        ci = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
+        top = np.argpartition(-cs, k - 1, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(cs, top, 1), np.take_along_axis(ci, top, 1)
+    order = np.argsort(-best_s, axis=1)
+    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+
+
+def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    from pipeline.index.rerank import recall_at
+
+    return round(recall_at(found, truth, k), 4)
+
+
+def run_autofaiss(python: str, out: Path, folder: str, reg: Registry, budget: str, queries: np.ndarray,
+                  truth: np.ndarray, nprobes: list[int], threads: int) -> dict:
+    """autofaiss on the same vectors (exported to .npy in registry order) and memory budget."""
+    import faiss
+
+    emb_dir = out / "autofaiss_npy"
+    ids_path = out / "autofaiss_ids.npy"
+    emb_dir.mkdir(parents=True, exist_ok=True)
+    from pipeline.index.train import read_ok_vectors
+
+    if not ids_path.exists():
+        all_ids = []
+        for number in range(len(reg)):
+            rows, x = read_ok_vectors(reg.url(number), None)
+            np.save(emb_dir / f"emb_{number:06d}.npy", x.astype(np.float32))
+            all_ids.append(encode_ids(number, rows))
+        np.save(ids_path, np.concatenate(all_ids))
+    ids = np.load(ids_path)
+    index_path = out / "autofaiss.index"
+    infos_path = out / "autofaiss_infos.json"
+    script = (
+        "import time, json; from autofaiss import build_index; t=time.time(); "
+        f"build_index(embeddings={str(emb_dir)!r}, index_path={str(index_path)!r}, "
+        f"index_infos_path={str(infos_path)!r}, max_index_memory_usage={budget!r}, "
+        f"current_memory_available='8G', metric_type='ip', nb_cores={threads}, "
+        "make_direct_map=False, should_be_memory_mappable=False, save_on_disk=True); "
+        f"print('AUTOFAISS_SECONDS', time.time()-t)"
+    )
+    log = out / "autofaiss.log"
+    t = time.time()
+    with open(log, "w") as f:
+        subprocess.run([python, "-c", script], check=True, stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.time() - t
+    infos = json.loads(infos_path.read_text())
+    index = faiss.read_index(str(index_path))
+    res = {"build_seconds": round(seconds, 1), "index_key": infos.get("index_key"),
+           "index_bytes": index_path.stat().st_size, "bytes_per_vector": round(index_path.stat().st_size / index.ntotal, 1),
+           "infos": infos, "sweep": []}
+    ps = faiss.ParameterSpace()
+    faiss.omp_set_num_threads(threads)
+    for nprobe in nprobes:
+        ps.set_index_parameters(index, f"nprobe={nprobe}")
+        try:
+            ps.set_index_parameters(index, f"efSearch={max(2 * nprobe, 64)}")
+        except RuntimeError:
+            pass
+        t = time.time()
+        _, i = index.search(queries, 10)
+        dt = time.time() - t
+        found = np.where(i >= 0, ids[np.clip(i, 0, None)], -1)
+        res["sweep"].append({"nprobe": nprobe, "qps": round(len(queries) / dt, 1),
+                             "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10)})
+    return res
+
+
+def rerank_cost(index_url: str, reg: Registry, dim: int, all_ids: np.ndarray, rng: np.random.Generator,
+                has_side: bool) -> dict:
+    """Seconds and bytes to fetch 1,000 random candidates' vectors, per source (cold-ish: new ids)."""
+    from pipeline.index.rerank import ParquetVectors, SideFileVectors
+
+    out = {}
+    sources = [("parquet", ParquetVectors(reg, dim))]
+    if has_side:
+        sources.insert(0, ("side_file", SideFileVectors(index_url, dim)))
+    for name, src in sources:
+        times = []
+        for rep in range(3):
+            ids = np.sort(rng.choice(all_ids, 1000, replace=False))
+            t = time.time()
+            src.fetch(ids)
+            times.append(time.time() - t)
+        entry = {"seconds_per_1000": round(float(np.median(times)), 4)}
+        if name == "side_file":
+            entry["bytes_per_1000"] = int(src.bytes_read / 3)
+            entry["requests_per_1000"] = int(src.requests / 3)
+        else:
+            # row groups touched: each candidate reads its whole row group's embedding column
+            shards, rows = decode_ids(ids)
+            groups = len({(int(s), int(r) // 1024) for s, r in zip(shards, rows)})
+            entry["row_groups_per_1000"] = groups
+            entry["bytes_per_1000_estimate"] = groups * 1024 * dim * 2
+        out[name] = entry
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--rows-per-shard", type=int, default=10_000)
+    ap.add_argument("--out", default="bench/out/index_1m")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--nprobes", default="1,4,16,64,256")
+    ap.add_argument("--factory", default="")
+    ap.add_argument("--memory-budget-gb", type=float, default=0.1)
+    ap.add_argument("--max-nlist", type=int, default=4096)
+    ap.add_argument("--train-size", type=int, default=0)
+    ap.add_argument("--group-size", type=int, default=10)
+    ap.add_argument("--shard-memory-gb", type=float, default=8.0)
+    ap.add_argument("--no-write-vectors", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--autofaiss", default="", help="python of a venv with autofaiss 2.18 (empty = skip)")
+    ap.add_argument("--rerank-candidates", type=int, default=100)
+    args = ap.parse_args()
+
+    import faiss
+
+    from pipeline.index.build import run_build
+    from pipeline.index.rerank import SideFileVectors, exact_rerank
+    from pipeline.index.serve import IndexSearcher
+    from pipeline.ray_util import connect
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    emb, index_url = str(out / "embeddings"), str(out / "index")
+    result: dict = {"machine": machine(), "n": args.n, "dim": args.dim, "faiss": faiss.__version__,
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "loadavg_start": os.getloadavg()}
+    src = MixtureSource(args.dim, latent=48, clusters=2000, seed=0)
+    log = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
+
+    log(f"generating {args.n:,} vectors of dim {args.dim} as {args.rows_per_shard}-row Parquet shards")
+    result["generate_seconds"] = round(generate(src, emb, args.n, args.rows_per_shard), 1)
+    result["embeddings_bytes"] = sum(p.stat().st_size for p in Path(emb).glob("*.parquet"))
+
+    cfg = IndexConfig(embeddings=emb, index=index_url, factory=args.factory, memory_budget_gb=args.memory_budget_gb,
+                      max_nlist=args.max_nlist, train_size=args.train_size, group_size=args.group_size,
+                      shard_memory_gb=args.shard_memory_gb, write_vectors=not args.no_write_vectors,
+                      threads=args.threads, cpus_per_task=1)
+    connect(None, num_cpus=args.threads, object_store_memory=512 * 2**20)
+    log("building the index (train -> add -> merge)")
+    rss0 = rss_mb()
+    built = run_build(cfg, use_ray=True, log=log)
+    trained = io.read_json(index_url + "/trained.json")
+    result["factory"] = built["factory"]
+    result["nlist"] = trained["nlist"]
+    result["train_size"] = trained["train_size"]
+    result["timings"] = {**built["timings"], "train_sample": trained["sample_seconds"], "train_fit": trained["train_seconds"]}
+    result["driver_peak_rss_mb_build"] = round(peak_rss_mb(), 1)
+    ntotal = built["ntotal"]
+    ivf_bytes = sum(s["ivfdata_bytes"] for s in built["shards"])
+    idx_bytes = sum(s["index_bytes"] for s in built["shards"])
+    result["index"] = {
+        "ntotal": ntotal, "shards": len(built["shards"]), "code_size": built["code_size"],
+        "ivfdata_bytes": ivf_bytes, "index_files_bytes": idx_bytes,
+        "disk_bytes_per_vector": round((ivf_bytes + idx_bytes) / ntotal, 2),
+        "codes_plus_ids_bytes_per_vector": round(ivf_bytes / ntotal, 2),
+        "parts": sum(len(s["parts"]) for s in built["shards"]),
+    }
+    if cfg.write_vectors:
+        result["index"]["side_file_bytes"] = sum(p.stat().st_size for p in Path(index_url, "vectors").glob("*.f16"))
+
+    reg = Registry.load(index_url)
+    queries = src.batch(10**7, args.queries)
+    log(f"exact top-100 for {len(queries)} queries by brute force")
+    t = time.time()
+    _, truth = exact_topk(queries, emb, reg, 100)
+    result["brute_force_seconds"] = round(time.time() - t, 1)
+
+    faiss.omp_set_num_threads(args.threads)
+    rss_before = rss_mb()
+    searcher = IndexSearcher(index_url, use_ray=False, threads=args.threads)
+    rss_loaded = rss_mb()
+    sweep = []
+    nprobes = [int(x) for x in args.nprobes.split(",")]
+    for nprobe in nprobes:
+        searcher.search(queries[:50], 10, nprobe)  # warm the mapped lists
+        t = time.time()
+        _, found = searcher.search(queries, 10, nprobe)
+        dt = time.time() - t
+        row = {"nprobe": nprobe, "qps": round(len(queries) / dt, 1), "recall@1": recall(found, truth, 1),
+               "recall@10": recall(found, truth, 10)}
+        if cfg.write_vectors:
+            t = time.time()
+            _, cand = searcher.search(queries, args.rerank_candidates, nprobe)
+            _, rr = exact_rerank(queries, cand, SideFileVectors(index_url, args.dim), 10)
+            row["rerank_qps"] = round(len(queries) / (time.time() - t), 1)
+            row["recall@1_rerank"] = recall(rr, truth, 1)
+            row["recall@10_rerank"] = recall(rr, truth, 10)
+        sweep.append(row)
+        log(json.dumps(row))
+    result["sweep"] = sweep
+    result["search_rss_mb"] = {"before_load": round(rss_before, 1), "after_load": round(rss_loaded, 1),
+                               "after_queries": round(rss_mb(), 1), "peak": round(peak_rss_mb(), 1)}
+    searcher.close()
+
+    # the same through Ray actors: identical results, and its throughput
+    with IndexSearcher(index_url, use_ray=True, num_actors=min(2, len(built["shards"])), cpus_per_actor=1,
+                       threads=max(1, args.threads // 2)) as rs:
+        local = IndexSearcher(index_url, use_ray=False, threads=args.threads)
+        d1, i1 = local.search(queries, 10, 16)
+        t = time.time()
+        d2, i2 = rs.search(queries, 10, 16)
+        result["ray_search"] = {"nprobe": 16, "qps": round(len(queries) / (time.time() - t), 1),
+                                "identical_to_in_process": bool((i1 == i2).all() and np.allclose(d1, d2))}
+        local.close()
+
+    all_ids = np.concatenate([encode_ids(n, np.arange(0, 10_000, 7)) for n in range(len(reg))])
+    all_ids = all_ids[decode_ids(all_ids)[1] < args.rows_per_shard]
+    result["rerank_fetch"] = rerank_cost(index_url, reg, args.dim, all_ids, np.random.default_rng(1), cfg.write_vectors)
+    log(json.dumps(result["rerank_fetch"]))
+
+    result["loadavg_after_replica"] = os.getloadavg()
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    if args.autofaiss:
+        budget_mb = int(args.memory_budget_gb * 1024)
+        log(f"autofaiss with max_index_memory_usage={budget_mb}MB")
+        result["autofaiss"] = run_autofaiss(args.autofaiss, out, emb, reg, f"{budget_mb}MB", queries, truth,
+                                            nprobes, args.threads)
+        log(json.dumps({k: v for k, v in result["autofaiss"].items() if k != "infos"}))
+    result["loadavg_end"] = os.getloadavg()
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    log(f"wrote {out / 'result.json'}")
+
+
+if __name__ == "__main__":
+    main()
