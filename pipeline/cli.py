@@ -221,6 +221,11 @@ def pipeline_command(
     typer.echo(f"results: {run_dir(search_cfg)}")
 
 
+from pipeline.index.cli import import_embeddings_command, index_app  # noqa: E402
+app.add_typer(index_app, name="index")
+app.command("import-embeddings")(import_embeddings_command)
+
+
 def main() -> None:
     app()
 
