@@ -108,3 +108,18 @@ def test_rebuild_is_a_no_op(built):
     corpus, cfg, manifest, reg, x, ids, queries = built
     again = run_build(cfg, use_ray=False, log=QUIET)
     assert again["shards"] == manifest["shards"] and again["ntotal"] == manifest["ntotal"]
+
+
+def test_without_side_files_rerank_reads_parquet(tmp_path):
+    from pipeline.index.rerank import source_for
+
+    corpus = make_corpus(str(tmp_path / "emb"), shards=2, rows=300)
+    cfg = config(str(tmp_path / "emb"), str(tmp_path / "index"), write_vectors=False)
+    manifest = run_build(cfg, use_ray=False, log=QUIET)
+    assert manifest["side_vectors"] is False and not (tmp_path / "index" / "vectors").exists()
+    src = source_for(cfg.index, manifest)
+    assert isinstance(src, ParquetVectors)
+    ids = np.array([1, 2, 2**24 + 299, 0])  # shard 0 row 0 is a decode error: no vector
+    want = np.stack([corpus.vectors[0][1], corpus.vectors[0][2], corpus.vectors[1][299], np.zeros(32)])
+    assert corpus.bad[0][0] and not corpus.bad[0][1:3].any() and not corpus.bad[1][299]
+    np.testing.assert_array_equal(src.fetch(ids), want.astype(np.float16).astype(np.float32))

@@ -145,6 +145,7 @@ def add_part(
         "ntotal": int(trained.ntotal),
         "rows": {str(k): v for k, v in rows_added.items()},
         "trained_sha256": trained_sha256,
+        "side_vectors": bool(write_vectors),
         "bytes": len(data),
         "seconds": round(time.time() - t0, 3),
     }

@@ -225,6 +225,8 @@ def run_merge(
             }
         )
     manifest["ntotal"] = sum(s["ntotal"] for s in manifest["shards"])
+    # exact rerank can read raw fp16 side files only if every part wrote them
+    manifest["side_vectors"] = all(p.get("side_vectors", False) for p in ledger["parts"])
     manifest["registry_version"] = reg.version
     manifest["registered_shards"] = len(reg)
     manifest["shard_memory_gb"] = cfg.shard_memory_gb

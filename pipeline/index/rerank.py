@@ -19,7 +19,6 @@ import numpy as np
 from pipeline import io
 from pipeline.index.manifest import Layout
 from pipeline.index.registry import Registry, decode_ids, fetch_rows
-from pipeline.schema import vectors_of
 
 
 class VectorSource(Protocol):
@@ -90,7 +89,13 @@ class ParquetVectors:
         if len(ids) == 0:
             return np.zeros((0, self.dim), np.float32)
         table = fetch_rows(ids, self.registry, self.storage, columns=["embedding"], threads=self.threads)
-        return vectors_of(table)
+        col = table.column("embedding").combine_chunks()
+        # .values keeps the slots of null rows (flatten() would drop them and misalign)
+        flat = col.values.to_numpy(zero_copy_only=False)[col.offset * self.dim : (col.offset + len(col)) * self.dim]
+        out = flat.reshape(len(col), self.dim).astype(np.float32)
+        if col.null_count:  # rows that were never embedded (not in the index): zeros
+            out[~col.is_valid().to_numpy(zero_copy_only=False)] = 0
+        return out
 
 
 def exact_rerank(
@@ -131,8 +136,11 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean(hits) / k)
 
 
-def source_for(index_url: str, manifest: dict[str, Any], storage: io.Storage | None = None, kind: str = "side") -> VectorSource:
-    """The vector source an index offers: ``side`` files when add wrote them, else ``parquet``."""
+def source_for(index_url: str, manifest: dict[str, Any], storage: io.Storage | None = None, kind: str = "auto") -> VectorSource:
+    """The vector source for exact rerank: ``side`` files (cheapest; when add wrote them, which
+    ``auto`` reads from the manifest) or the embedding ``parquet`` rows."""
+    if kind == "auto":
+        kind = "side" if manifest.get("side_vectors", True) else "parquet"
     if kind == "side":
         return SideFileVectors(index_url, manifest["dim"], storage)
     return ParquetVectors(Registry.load(index_url, storage), manifest["dim"], storage)
