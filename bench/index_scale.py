@@ -98,7 +98,8 @@ def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 def run_autofaiss(python: str, out: Path, folder: str, reg: Registry, budget: str, queries: np.ndarray,
-                  truth: np.ndarray, nprobes: list[int], threads: int) -> dict:
+                  truth: np.ndarray, nprobes: list[int], threads: int, index_key: str = "",
+                  timeout: float | None = None) -> dict:
     """autofaiss on the same vectors (exported to .npy in registry order) and memory budget."""
     import faiss
 
@@ -115,24 +116,39 @@ def run_autofaiss(python: str, out: Path, folder: str, reg: Registry, budget: st
             all_ids.append(encode_ids(number, rows))
         np.save(ids_path, np.concatenate(all_ids))
     ids = np.load(ids_path)
-    index_path = out / "autofaiss.index"
-    infos_path = out / "autofaiss_infos.json"
+    tag = "autofaiss" + ("-" + index_key.replace(",", "_") if index_key else "")
+    index_path = out / f"{tag}.index"
+    infos_path = out / f"{tag}_infos.json"
     script = (
         "import time, json; from autofaiss import build_index; t=time.time(); "
         f"build_index(embeddings={str(emb_dir)!r}, index_path={str(index_path)!r}, "
         f"index_infos_path={str(infos_path)!r}, max_index_memory_usage={budget!r}, "
         f"current_memory_available='8G', metric_type='ip', nb_cores={threads}, "
-        "make_direct_map=False, should_be_memory_mappable=False, save_on_disk=True); "
+        "make_direct_map=False, should_be_memory_mappable=False, save_on_disk=True"
+        + (f", index_key={index_key!r}" if index_key else "") + "); "
         f"print('AUTOFAISS_SECONDS', time.time()-t)"
     )
-    log = out / "autofaiss.log"
+    log = out / f"{tag}.log"
     t = time.time()
     with open(log, "w") as f:
-        subprocess.run([python, "-c", script], check=True, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([python, "-c", script], stdout=f, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            chosen = [ln.split("Instanciate the index ", 1)[1].split()[0] for ln in log.read_text().splitlines()
+                      if "Instanciate the index" in ln]
+            return {"finished": False, "gave_up_after_seconds": round(time.time() - t, 1),
+                    "index_key": chosen[0] if chosen else index_key, "forced_index_key": bool(index_key),
+                    "log_tail": log.read_text().splitlines()[-3:]}
+    if rc != 0:
+        raise RuntimeError(f"autofaiss failed, see {log}")
     seconds = time.time() - t
     infos = json.loads(infos_path.read_text())
     index = faiss.read_index(str(index_path))
-    res = {"build_seconds": round(seconds, 1), "index_key": infos.get("index_key"),
+    res = {"finished": True, "forced_index_key": bool(index_key), "build_seconds": round(seconds, 1),
+           "index_key": infos.get("index_key"),
            "index_bytes": index_path.stat().st_size, "bytes_per_vector": round(index_path.stat().st_size / index.ntotal, 1),
            "infos": infos, "sweep": []}
     ps = faiss.ParameterSpace()
@@ -199,6 +215,9 @@ def main() -> None:
     ap.add_argument("--no-write-vectors", action="store_true")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--autofaiss", default="", help="python of a venv with autofaiss 2.18 (empty = skip)")
+    ap.add_argument("--autofaiss-index-key", default="", help="force autofaiss' factory (empty = its own choice)")
+    ap.add_argument("--autofaiss-timeout", type=float, default=0, help="give autofaiss up after this many seconds")
+    ap.add_argument("--only-autofaiss", action="store_true", help="reuse the built index and result.json; run autofaiss")
     ap.add_argument("--rerank-candidates", type=int, default=100)
     args = ap.parse_args()
 
@@ -217,6 +236,25 @@ def main() -> None:
                     "loadavg_start": os.getloadavg()}
     src = MixtureSource(args.dim, latent=48, clusters=2000, seed=0)
     log = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
+
+    if args.only_autofaiss:
+        result = json.loads((out / "result.json").read_text())
+        reg = Registry.load(index_url)
+        queries = src.batch(10**7, args.queries)
+        truth_path = out / f"truth_{args.queries}.npy"
+        if not truth_path.exists():
+            np.save(truth_path, exact_topk(queries, emb, reg, 100)[1])
+        truth = np.load(truth_path)
+        budget_mb = int(args.memory_budget_gb * 1024)
+        key = "autofaiss" + ("_forced" if args.autofaiss_index_key else "")
+        log(f"{key}: max_index_memory_usage={budget_mb}MB index_key={args.autofaiss_index_key or '(its choice)'}")
+        result[key] = run_autofaiss(args.autofaiss, out, emb, reg, f"{budget_mb}MB", queries, truth,
+                                    [int(x) for x in args.nprobes.split(",")], args.threads,
+                                    args.autofaiss_index_key, args.autofaiss_timeout or None)
+        result[key]["loadavg_end"] = os.getloadavg()
+        log(json.dumps({k: v for k, v in result[key].items() if k != "infos"}))
+        (out / "result.json").write_text(json.dumps(result, indent=2))
+        return
 
     log(f"generating {args.n:,} vectors of dim {args.dim} as {args.rows_per_shard}-row Parquet shards")
     result["generate_seconds"] = round(generate(src, emb, args.n, args.rows_per_shard), 1)
@@ -255,6 +293,7 @@ def main() -> None:
     t = time.time()
     _, truth = exact_topk(queries, emb, reg, 100)
     result["brute_force_seconds"] = round(time.time() - t, 1)
+    np.save(out / f"truth_{args.queries}.npy", truth)
 
     faiss.omp_set_num_threads(args.threads)
     rss_before = rss_mb()
@@ -305,7 +344,8 @@ def main() -> None:
         budget_mb = int(args.memory_budget_gb * 1024)
         log(f"autofaiss with max_index_memory_usage={budget_mb}MB")
         result["autofaiss"] = run_autofaiss(args.autofaiss, out, emb, reg, f"{budget_mb}MB", queries, truth,
-                                            nprobes, args.threads)
+                                            nprobes, args.threads, args.autofaiss_index_key,
+                                            args.autofaiss_timeout or None)
         log(json.dumps({k: v for k, v in result["autofaiss"].items() if k != "infos"}))
     result["loadavg_end"] = os.getloadavg()
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -133,13 +133,15 @@ def train_index(x: np.ndarray, factory: str, metric: str = "ip", device: str = "
     return index, used
 
 
-def _train_job(cfg: IndexConfig, urls: list[str], factory: str, info: dict[str, Any], n_sample: int) -> dict[str, Any]:
+def _train_job(cfg: IndexConfig, urls: list[str], factory: str, info: dict[str, Any], n_sample: int,
+               on_progress: Progress | None = None) -> dict[str, Any]:
     """Sample, train, write. Runs on the driver or inside a GPU Ray task."""
     import faiss
 
     set_threads(cfg.threads)
     t0 = time.time()
-    x, _ = sample_vectors(urls, n_sample, max_shards=cfg.train_max_shards, seed=cfg.seed, storage=cfg.storage)
+    x, _ = sample_vectors(urls, n_sample, max_shards=cfg.train_max_shards, seed=cfg.seed, storage=cfg.storage,
+                          on_progress=on_progress)
     t1 = time.time()
     index, device = train_index(x, factory, cfg.metric, cfg.train_device)
     t2 = time.time()
@@ -252,7 +254,7 @@ def run_train(cfg: IndexConfig, log: Callable[[str], None] = print, on_progress:
         log("training in a Ray task on one GPU")
         task = ray.remote(num_gpus=1)(_train_job)
         return ray.get(task.remote(cfg, urls, factory, info, n_sample))
-    return _train_job(cfg, urls, factory, info, n_sample)
+    return _train_job(cfg, urls, factory, info, n_sample, on_progress)
 
 
 def load_trained(index: str, storage: io.Storage | None = None) -> tuple[Any, dict[str, Any]]:
