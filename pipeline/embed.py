@@ -30,7 +30,7 @@ from pipeline import schema
 from pipeline.config import EmbedConfig, EmbedderConfig, to_dict
 from pipeline.embedders import build_embedder, build_preprocessor, check_same_identity, validate
 from pipeline.errors import ConfigError, ReplicaError
-from pipeline.io import Storage, atomic_output, check_writable, exists, expand_inputs, filesystem, join, read_json, write_json
+from pipeline.io import Storage, atomic_output, check_writable, exists, expand_inputs, missing_files, filesystem, join, read_json, write_json
 from pipeline.tars import Sample, TarReadResult, iter_samples, shard_name
 
 MAX_BATCHES_IN_FLIGHT = 2
@@ -69,7 +69,7 @@ def plan(cfg: EmbedConfig) -> EmbedPlan:
         tars = expand_inputs(cfg.input, cfg.storage)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot list input {cfg.input}: {exc}") from exc
-    missing = [t for t in tars if not exists(t, cfg.storage)]
+    missing = missing_files(tars, cfg.storage)
     if not tars or missing:
         what = missing[0] if missing else ", ".join(cfg.input)
         raise ConfigError(f"no input tar at {what!r}: check --input (a path, glob or brace list of .tar files)")

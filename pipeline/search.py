@@ -44,6 +44,8 @@ class Candidate:
     verify_score: float | None = None
     query_box: tuple | None = None
     match_box: tuple | None = None
+    #: best rank of this corpus image in any one query region's list (1 = some region's best)
+    region_rank: int = 1 << 30
 
     @property
     def score(self) -> float:
@@ -125,12 +127,13 @@ def best_per_corpus_image(owner, ann_scores, ann_ids, exact_scores, exact_ids, n
     for r in range(len(owner)):
         ann = {int(i): float(s) for s, i in zip(ann_scores[r], ann_ids[r]) if i >= 0}
         found = per_query[owner[r]]
-        for s, i in zip(exact_scores[r], exact_ids[r]):
-            i = int(i)
-            if i < 0:
-                continue
-            if i not in found or s > found[i].score_exact:
-                found[i] = Candidate(i, ann.get(i, float("nan")), float(s), r)
+        for rank, (s, i) in enumerate(((s, int(i)) for s, i in zip(exact_scores[r], exact_ids[r]) if i >= 0), 1):
+            c = found.get(i)
+            if c is None:
+                c = found[i] = Candidate(i, ann.get(i, float("nan")), float(s), r)
+            elif s > c.score_exact:
+                c.score_index, c.score_exact, c.region = ann.get(i, float("nan")), float(s), r
+            c.region_rank = min(c.region_rank, rank)
     return per_query
 
 
@@ -162,22 +165,46 @@ def second_stage(queries, picks: list[list[Candidate]], cfg: SearchConfig, stora
         cands[: len(top)] = sorted(top, key=lambda c: -c.score)
 
 
-def verify_stage(queries, picks: list[list[Candidate]], cfg: SearchConfig, storage, counters) -> None:
-    """Local-feature verification of the best candidates; verified copies move ahead."""
+def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) -> list[Candidate]:
+    """The best ``top`` by score, then candidates near the head of some single region's list
+    (an object pasted into a new scene ranks high in its own region but may score low overall),
+    ``3 * top`` at most."""
+    rest = sorted((c for c in cands[top:] if c.region_rank <= region_rank), key=lambda c: (c.region_rank, -c.score))
+    return cands[:top] + rest[: 2 * top]
+
+
+def verify_query(image, rows: list[dict[str, Any]], storage) -> list[tuple]:
+    """One query against its candidates (pixels fetched by ranged reads): a Ray task."""
     from pipeline.verify import Verifier
 
-    verifier = Verifier()
-    for q, cands in zip(queries, picks):
-        top = cands[: cfg.verify_top]
-        if not top:
-            continue
-        images = [fetch_image(c.row, storage) for c in top]
-        counters["pixels_fetched"] += len(top)
-        for c, v in zip(top, verifier.verify_many(q.image, images)):
-            c.inliers, c.verify_score = int(v.inliers), float(v.score)
-            c.query_box, c.match_box = v.query_box, v.candidate_box
+    images = [fetch_image(r, storage) for r in rows]
+    return [(int(v.inliers), float(v.score), v.query_box, v.candidate_box)
+            for v in Verifier().verify_many(image, images)]
+
+
+def verify_stage(queries, picks: list[list[Candidate]], cfg: SearchConfig, storage, counters) -> None:
+    """Local-feature verification fanned out as one Ray task per query; verified copies move ahead."""
+    import ray
+
+    from pipeline.ray_util import cluster_cpus
+
+    task = ray.remote(verify_query).options(num_cpus=1, max_retries=3)
+    window = max(2, 2 * int(cluster_cpus()))  # bounded: query images wait in the object store
+    pools = [verification_pool(c, cfg.verify_top) for c in picks]
+    pending: dict[Any, int] = {}
+    todo = [qi for qi, pool in enumerate(pools) if pool]
+    while todo or pending:
+        while todo and len(pending) < window:
+            qi = todo.pop(0)
+            pending[task.remote(queries[qi].image, [c.row for c in pools[qi]], storage)] = qi
+        done, _ = ray.wait(list(pending), num_returns=1)
+        qi = pending.pop(done[0])
+        for c, (inliers, score, qbox, cbox) in zip(pools[qi], ray.get(done[0])):
+            c.inliers, c.verify_score, c.query_box, c.match_box = inliers, score, qbox, cbox
+        counters["pixels_fetched"] += len(pools[qi])
+    for cands in picks:
         # Verification adds its score (0 when unverified, towards 1 with many inliers) for ranking.
-        cands[: len(top)] = sorted(top, key=lambda c: -(c.score + (c.verify_score or 0)))
+        cands.sort(key=lambda c: -(c.score + (c.verify_score or 0)))
 
 
 def neighbours(ids: list[int], searcher, source, cfg: SearchConfig) -> dict[int, list[tuple[float, int]]]:
@@ -257,7 +284,7 @@ def run_search(cfg: SearchConfig, progress: bool = True) -> dict[str, Any]:
                         counters["blocked"] += 1
                         continue
                     kept.append(c)
-                picks.append(kept[: max(cfg.top_k, cfg.rerank_top, cfg.verify_top)])
+                picks.append(kept)
         if cfg.rerank.name:
             with steps.step(f"second-stage rerank with {cfg.rerank.name}"):
                 second_stage(queries, picks, cfg, storage, counters)

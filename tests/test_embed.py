@@ -146,7 +146,7 @@ def test_killed_actor_is_restarted_and_every_key_lands_once(tmp_path, ray_local)
 
 
 def test_killed_driver_then_rerun_gives_every_key_exactly_once(tmp_path):
-    make_sample_tars(str(tmp_path / "tars"), tars=8, per_tar=40)
+    make_sample_tars(str(tmp_path / "tars"), tars=12, per_tar=40)
     out = tmp_path / "emb"
     # Ray's socket paths must stay short: its own temp dir under /tmp.
     env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="rk-", dir="/tmp"))
@@ -154,7 +154,7 @@ def test_killed_driver_then_rerun_gives_every_key_exactly_once(tmp_path):
             "--max-tars-in-flight", "1", "--batch-size", "8", "-q"]
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 600
         while len(list(out.glob("*.stats.json"))) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
     finally:
@@ -162,15 +162,15 @@ def test_killed_driver_then_rerun_gives_every_key_exactly_once(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
     done_before = len(list(out.glob("*.stats.json")))
-    assert 2 <= done_before < 8, "the kill landed mid-run"
+    assert 2 <= done_before < 12, "the kill landed mid-run"
 
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"({done_before} already complete)" in rerun.stdout
     t = read_output(out)
     keys = t.column("key").to_pylist()
-    assert len(keys) == len(set(keys)) == 320
-    assert len(list(out.glob("*.stats.json"))) == 8
+    assert len(keys) == len(set(keys)) == 480
+    assert len(list(out.glob("*.stats.json"))) == 12
 
 
 def test_local_and_s3_runs_give_identical_parquet(tmp_path, ray_local, s3_server):
