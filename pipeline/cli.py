@@ -226,6 +226,30 @@ app.add_typer(index_app, name="index")
 app.command("import-embeddings")(import_embeddings_command)
 
 
+@app.command("config")
+def config_command(
+    section: Annotated[Optional[str], typer.Argument(help="embed | index | import | search (default: all, as for `replica pipeline`)")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="The whole reference as Markdown (docs/CONFIG.md).")] = False,
+):
+    """Print a commented config template with every setting and its default (YAML)."""
+    from pipeline.config import SECTIONS, reference_markdown, template
+
+    if markdown:
+        typer.echo(reference_markdown())
+        return
+    if section is not None and section not in SECTIONS:
+        typer.secho(f"error: unknown section {section!r}; choose one of: {', '.join(SECTIONS)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    if section:
+        typer.echo("\n".join(template(SECTIONS[section])))
+        return
+    for name, cls in SECTIONS.items():
+        if name == "import":
+            continue
+        typer.echo(f"{name}:")
+        typer.echo("\n".join(template(cls, 2)))
+
+
 def main() -> None:
     app()
 

@@ -36,6 +36,12 @@ class EmbedderConfig:
     image_size: int | None = None
     #: "auto" (CUDA when present), "cpu" or "cuda"
     device: str = "auto"
+    #: default embedder, query side: sizes (fractions of the query's width and height) of the
+    #: windows embedded besides the whole image, so a copied object inside a new scene is found
+    #: (see docs/BENCHMARKS.md); empty = whole image only
+    query_region_scales: list[float] = field(default_factory=lambda: [0.75, 0.6, 0.5, 0.4])
+    #: default embedder, query side: window stride as a fraction of the window size
+    query_region_step: float = 0.33
 
 
 @dataclass
@@ -46,6 +52,7 @@ class RayConfig:
     num_actors: int = 0
     #: GPUs per embedding actor; -1 = 1 when the cluster has GPUs, else 0
     gpus_per_actor: float = -1
+    #: CPUs reserved per embedding actor
     cpus_per_actor: float = 1
     #: input tars decoded at once; 0 = the cluster's CPU count
     max_tars_in_flight: int = 0
@@ -164,12 +171,15 @@ class IndexConfig:
     metric: str = "ip"
     #: IVF lists when choosing the factory; 0 = ~4*sqrt(n), capped at max_nlist
     nlist: int = 0
+    #: upper bound on automatically chosen IVF lists
     max_nlist: int = 131072
     #: training sample size; 0 = from nlist (64 per list, >= 65536, <= train_cap)
     train_size: int = 0
+    #: upper bound on the automatic training sample
     train_cap: int = 2_000_000
     #: training reads at most this many shards (chosen uniformly at random)
     train_max_shards: int = 2048
+    #: seed of the training sample
     seed: int = 0
     #: "auto" = faiss-gpu when it is installed and CUDA is present; "cpu"; "cuda"
     train_device: str = "auto"
@@ -236,6 +246,7 @@ class SearchConfig:
     #: query embedder; empty name = the settings the corpus was embedded with (from the index)
     embedder: EmbedderConfig = field(default_factory=lambda: EmbedderConfig(name=""))
     storage: Storage = field(default_factory=Storage)
+    #: Ray address; empty = RAY_ADDRESS or a local Ray
     ray_address: str | None = None
     #: matches kept per query
     top_k: int = 10
@@ -255,8 +266,9 @@ class SearchConfig:
     blocklist: list[str] = field(default_factory=list)
     #: Parquet/CSV/TXT of keys or URLs forming "the subset" (e.g. LAION Aesthetics 6+)
     subset: str | None = None
-    #: the paper's thresholds (meaningful for SSCD-style descriptors)
+    #: the paper's replication threshold (meaningful for SSCD-style descriptors)
     replication_threshold: float = 0.5
+    #: near-duplicate threshold: matches and baseline neighbours at or above it are copies of one picture
     duplicate_threshold: float = 0.95
     #: false-positive rate at which a threshold is calibrated on the baseline
     fpr: float = 0.01
@@ -264,4 +276,60 @@ class SearchConfig:
     baseline_size: int = 1000
     #: neighbours looked at when counting near-duplicates of a match or baseline sample
     dup_neighbours: int = 50
+    #: seed of the baseline sample
     seed: int = 0
+
+
+#: The config sections a file may hold, by the command that reads them.
+SECTIONS = {"embed": EmbedConfig, "index": IndexConfig, "import": ImportConfig, "search": SearchConfig}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The ``#:`` comment above each field of a config dataclass, read from its source."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+        elif ":" in stripped and not stripped.startswith(("#", '"', "class", "@")):
+            docs[stripped.split(":", 1)[0].strip()] = " ".join(pending)
+            pending = []
+        else:
+            pending = []
+    return docs
+
+
+def template(cfg: Any, indent: int = 0) -> list[str]:
+    """A commented YAML template of a config (class: its defaults): what ``replica config`` prints."""
+    cfg = cfg() if isinstance(cfg, type) else cfg
+    pad = " " * indent
+    docs = field_docs(type(cfg))
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if docs.get(f.name):
+            lines.append(f"{pad}# {docs[f.name]}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            lines.extend(template(value, indent + 2))
+        else:
+            lines.append(f"{pad}{f.name}: {yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return lines
+
+
+def reference_markdown() -> str:
+    """docs/CONFIG.md: every section's template (``replica config --markdown``)."""
+    commands = {"embed": "replica embed", "index": "replica index ...", "import": "replica import-embeddings",
+                "search": "replica search"}
+    out = [
+        "# Configuration reference", "",
+        "Every command takes `--config FILE` (YAML or TOML) with the same field names as its flags; flags win.",
+        "`replica pipeline` (and `jobs/pipeline.py`) reads one file with the sections `embed`, `index` and `search`.",
+        "`replica config [SECTION]` prints these templates; this page is `replica config --markdown`.", "",
+    ]
+    for name, cls in SECTIONS.items():
+        out += [f"## `{name}` (`{commands[name]}`)", "", "```yaml", *template(cls), "```", ""]
+    return "\n".join(out)

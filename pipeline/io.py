@@ -22,10 +22,14 @@ from fsspec.core import url_to_fs
 class Storage:
     """Object-store settings. Empty fields fall back to the standard environment variables."""
 
+    #: S3-compatible endpoint URL; empty = AWS_ENDPOINT_URL(_S3) or AWS itself
     endpoint_url: str | None = None
+    #: region; empty = AWS_REGION / AWS_DEFAULT_REGION
     region: str | None = None
+    #: access key and secret; empty = the standard AWS credential chain (env, profile, role)
     key: str | None = None
     secret: str | None = None
+    #: anonymous access (public buckets)
     anon: bool = False
 
     @classmethod

@@ -1,6 +1,8 @@
 """Wrong settings fail before any work starts: one line saying what to change, exit 2, nothing written."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -83,3 +85,17 @@ def test_unwritable_bucket(tmp_path, tars, s3_server, monkeypatch):
     code, output = run(["embed", "-i", str(tars / "*.tar"), "-o", "s3://no-such-bucket/emb",
                         "--s3-endpoint-url", s3_server.endpoint_url, "--s3-region", s3_server.region])
     assert_one_line_error(code, output, "cannot write to output 's3://no-such-bucket/emb'")
+
+
+def test_config_reference_is_current_and_loads():
+    """docs/CONFIG.md is what `replica config --markdown` prints, and every template loads back."""
+    import yaml
+
+    from pipeline.config import SECTIONS, build, reference_markdown, template
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
+    assert doc.strip() == reference_markdown().strip(), "regenerate: replica config --markdown > docs/CONFIG.md"
+    for cls in SECTIONS.values():
+        assert build(cls, yaml.safe_load("\n".join(template(cls)))) == cls()
+    code, output = run(["config", "search"])
+    assert code == 0 and "verify_top: 10" in output
