@@ -6,7 +6,7 @@ registration order and never change, so adding shards later never renumbers what
 already holds, and every hit maps back to one Parquet row without relying on listing order.
 
 The registry is one small JSON file (``{index}/registry.json``) written only by the driver.
-At LAION-5B scale (~585k shards) it is ~25 MB and loads in about a second.
+At LAION-5B scale (~585k shards) it is a few MB and loads in about a second.
 """
 from __future__ import annotations
 
