@@ -94,12 +94,17 @@ def test_scores_and_summary_match_brute_force(demo):
     assert rate["count"] == int((best >= 0.5).sum()) and rate["n"] == len(best)
     base = table(demo["run"], "baseline.parquet").column("top1_score_no_dups").to_numpy()
     assert summary["thresholds"]["calibrated"] == pytest.approx(calibrate_threshold(base, 0.01))
-    # The baseline's top-1 (itself excluded) is the best other corpus vector.
-    brute = corpus @ corpus.T
-    np.fill_diagonal(brute, -np.inf)
+    # The baseline is scored like the queries: regions of the fetched image, itself excluded.
+    from pipeline.verify import load_candidate
+
+    rows = {r["key"]: r for r in emb.to_pylist()}
     index_of = {k: i for i, k in enumerate(keys)}
-    for row in table(demo["run"], "baseline.parquet").to_pylist()[:50]:
-        assert row["top1_score"] == pytest.approx(float(brute[index_of[row["sample_key"]]].max()), abs=2e-3)
+    for row in table(demo["run"], "baseline.parquet").to_pylist()[:30]:
+        r = rows[row["sample_key"]]
+        vecs, _ = embedder.embed_regions(load_candidate(r["tar_url"], r["tar_offset"], r["tar_size"]))
+        scores = (vecs @ corpus.T).max(axis=0)
+        scores[index_of[row["sample_key"]]] = -np.inf
+        assert row["top1_score"] == pytest.approx(float(scores.max()), abs=2e-3)
 
 
 def test_blocklisted_images_are_never_fetched_or_shown(demo, monkeypatch):
@@ -155,3 +160,36 @@ def test_query_embedder_must_match_the_index(demo, tmp_path):
     with pytest.raises(MismatchError, match="other parameters"):
         run_search(cfg, progress=False)
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").glob("run_id=*"))
+
+
+def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path):
+    """A second descriptor (a TorchScript model on the SSCD path) rescoring fetched candidates."""
+    import torch
+
+    from pipeline.config import EmbedderConfig
+    from pipeline.embedders import build_embedder
+    from pipeline.queries import load_queries
+    from pipeline.verify import load_candidate
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, stride=8), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 8 * 8, 32)).eval()
+    path = tmp_path / "rerank.torchscript.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    rerank = EmbedderConfig(name="sscd", checkpoint=str(path), image_size=64)
+    cfg = SearchConfig(queries=str(demo["work"] / "generated"), index=str(demo["work"] / "index"),
+                       output=str(tmp_path / "results"), run_id="rerank", rerank=rerank, rerank_top=5,
+                       verify_top=0, top_k=5, baseline_size=50)
+    run_search(cfg, progress=False)
+    matches = table(Path(run_dir(cfg)), "matches.parquet").to_pylist()
+    assert all(m["score_rerank"] is not None and m["score"] == m["score_rerank"] for m in matches)
+    assert all(m["inliers"] is None for m in matches)  # verification was off
+
+    model = build_embedder(rerank)
+    query = next(q for q in load_queries(str(demo["work"] / "generated")) if q.key == "copy-crop-0")
+    qv = model.embed_images([query.image])
+    for m in [m for m in matches if m["query_key"] == "copy-crop-0"]:
+        cv = model.embed_images([load_candidate(m["tar_url"], m["tar_offset"], m["tar_size"])])
+        assert m["score_rerank"] == pytest.approx(float((cv @ qv.T)[0, 0]), abs=1e-4)
+    ranks = [m["score"] for m in matches if m["query_key"] == "copy-crop-0"]
+    assert ranks == sorted(ranks, reverse=True)
