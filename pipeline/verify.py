@@ -1,0 +1,359 @@
+"""Local-feature verification of a (query, candidate) pair: is the candidate really copied?
+
+Global descriptors rank candidates; this module checks a short list of them geometrically:
+
+1. both images are scaled to at most ``max_side`` pixels (bounded cost), equalised (CLAHE, so
+   low-contrast photos get keypoints), and ORB keypoints are extracted (SIFT or AKAZE on
+   request). A query gets more keypoints than a candidate (a copied object may be a small
+   part of it) and is computed once per query;
+2. descriptors are matched with Lowe's ratio test, at most one match per candidate keypoint;
+3. a similarity transform (rotation + uniform scale + translation; or a full affine /
+   homography) is fitted with RANSAC; implausible transforms (reflection, extreme scale) are
+   rejected;
+4. when the direct attempt fails, the mirrored query is tried (copies are often flipped);
+5. the matched region is where the aligned images agree: the candidate is warped onto the
+   query and the local normalised cross-correlation marks the pixels that match; the query
+   box is the bounding box of the agreeing area connected to the inliers (never smaller than
+   the inliers' box), the candidate box its back-projection.
+
+The answer (:class:`Verification`) carries the inlier count, a score in [0, 1) (0 = not
+verified), whether the mirrored query matched, the transform, and both boxes. Time per pair
+is bounded by ``max_side``, ``n_features``/``n_query_features`` and ``max_iters``;
+``time_budget_s`` additionally skips the mirrored attempt once a pair has used its budget.
+
+Search verifies one query against many candidates: :meth:`Verifier.features` computes a
+query's features (and its mirror's) once; :meth:`Verifier.verify` accepts either images or
+precomputed :class:`Features`. Candidate bytes come from the corpus tars with one ranged read
+(:func:`load_candidate`, using the embedding row's ``tar_url``/``tar_offset``/``tar_size``).
+"""
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class Features:
+    """Keypoints (in the image's own pixels), descriptors and the working grey image."""
+
+    points: np.ndarray  # (n, 2) float32, original pixel coordinates
+    descriptors: np.ndarray | None  # (n, d) uint8 (ORB/AKAZE) or float32 (SIFT)
+    size: tuple[int, int]  # (width, height) of the original image
+    scale: float = 1.0  # working resolution / original resolution
+    grey: np.ndarray | None = field(default=None, repr=False)  # working-resolution grey (uint8)
+    mirrored: "Features | None" = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return 0 if self.descriptors is None else len(self.descriptors)
+
+
+@dataclass
+class Verification:
+    inliers: int
+    #: 0 when not verified; otherwise grows with the inlier count towards 1
+    score: float
+    #: matched region in query pixels (x0, y0, x1, y1), None when not verified
+    query_box: Box | None
+    #: matched region in candidate pixels, None when not verified
+    candidate_box: Box | None
+    #: True when the mirrored query is what matched
+    flipped: bool
+    #: tentative (ratio-test) matches of the attempt reported
+    matches: int = 0
+    #: 2x3 affine (or 3x3 homography) mapping candidate pixels to query pixels (mirror included)
+    transform: np.ndarray | None = field(default=None, repr=False)
+    seconds: float = 0.0
+
+    @property
+    def verified(self) -> bool:
+        return self.score > 0
+
+
+_CLAHE = None
+
+
+def _clahe():
+    global _CLAHE
+    if _CLAHE is None:
+        import cv2
+
+        _CLAHE = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+    return _CLAHE
+
+
+def _grey_array(image: Image.Image, max_side: int) -> tuple[np.ndarray, float]:
+    w, h = image.size
+    scale = min(1.0, max_side / max(w, h))
+    # Small images are enlarged a little: detectors need some pixels to work with.
+    if max(w, h) * scale < 256:
+        scale = 256 / max(w, h)
+    g = image.convert("L")
+    if scale != 1.0:
+        g = g.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+    # Local contrast equalisation: low-contrast photos (medical, hazy, dark) get keypoints too,
+    # and brightness/contrast edits matter less.
+    return _clahe().apply(np.asarray(g, dtype=np.uint8)), scale
+
+
+def _as3x3(m: np.ndarray) -> np.ndarray:
+    return np.vstack([m, [0.0, 0.0, 1.0]]) if m.shape[0] == 2 else m
+
+
+def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    h = _as3x3(m) @ np.vstack([pts.T, np.ones(len(pts))])
+    return (h[:2] / h[2]).T
+
+
+class Verifier:
+    """Reusable matcher: detector, matcher, RANSAC and box settings in one place."""
+
+    def __init__(
+        self,
+        method: str = "orb",
+        max_side: int = 512,
+        n_features: int = 1500,
+        n_query_features: int = 5000,
+        fast_threshold: int = 5,
+        ratio: float = 0.8,
+        model: str = "similarity",
+        ransac_px: float = 6.0,
+        max_iters: int = 2000,
+        min_inliers: int = 12,
+        score_scale: float = 20.0,
+        try_flip: bool = True,
+        refine_box: bool = True,
+        time_budget_s: float = 1.0,
+    ):
+        import cv2
+
+        if method not in ("orb", "sift", "akaze"):
+            raise ValueError(f"verification method must be orb, sift or akaze, got {method!r}")
+        if model not in ("similarity", "affine", "homography"):
+            raise ValueError(f"verification model must be similarity, affine or homography, got {model!r}")
+        self.cv2 = cv2
+        self.method, self.max_side, self.n_features = method, max_side, n_features
+        self.ratio, self.model, self.ransac_px, self.max_iters = ratio, model, ransac_px, max_iters
+        self.min_inliers, self.score_scale = min_inliers, score_scale
+        self.try_flip, self.refine_box, self.time_budget_s = try_flip, refine_box, time_budget_s
+        if method == "orb":
+            def orb(n: int):
+                return cv2.ORB_create(nfeatures=n, scaleFactor=1.2, nlevels=8, fastThreshold=fast_threshold)
+
+            self.detector, self.query_detector = orb(n_features), orb(n_query_features)
+            self.norm = cv2.NORM_HAMMING
+        elif method == "akaze":
+            self.detector = self.query_detector = cv2.AKAZE_create(threshold=0.0005)
+            self.norm = cv2.NORM_HAMMING
+        else:
+            self.detector = cv2.SIFT_create(nfeatures=n_features)
+            self.query_detector = cv2.SIFT_create(nfeatures=n_query_features)
+            self.norm = cv2.NORM_L2
+        self.matcher = cv2.BFMatcher(self.norm)
+
+    # -- features ----------------------------------------------------------------------
+
+    def _detect(self, image: Image.Image, detector) -> Features:
+        grey, scale = _grey_array(image, self.max_side)
+        kps, desc = detector.detectAndCompute(grey, None)
+        if desc is None or len(kps) == 0:
+            return Features(np.zeros((0, 2), np.float32), None, image.size, scale, grey)
+        pts = np.array([k.pt for k in kps], dtype=np.float32) / scale
+        return Features(pts, desc, image.size, scale, grey)
+
+    def features(self, image: Image.Image, query: bool = False) -> Features:
+        """Features of a candidate, or of a query (more keypoints, plus those of its mirror
+        image when ``try_flip``)."""
+        image = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        if not query:
+            return self._detect(image, self.detector)
+        f = self._detect(image, self.query_detector)
+        if self.try_flip:
+            f.mirrored = self._detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), self.query_detector)
+        return f
+
+    # -- matching ----------------------------------------------------------------------
+
+    def _match(self, q: Features, c: Features) -> tuple[np.ndarray, np.ndarray]:
+        """Ratio-test matches, at most one per candidate keypoint: (query pts, candidate pts)."""
+        empty = np.zeros((0, 2), np.float32)
+        if len(q) < 2 or len(c) < 2:
+            return empty, empty
+        knn = self.matcher.knnMatch(q.descriptors, c.descriptors, k=2)
+        best: dict[int, tuple[float, int]] = {}
+        for pair in knn:
+            if len(pair) < 2:
+                continue
+            m, n = pair
+            if m.distance < self.ratio * n.distance:
+                prev = best.get(m.trainIdx)
+                if prev is None or m.distance < prev[0]:
+                    best[m.trainIdx] = (m.distance, m.queryIdx)
+        if not best:
+            return empty, empty
+        train = np.fromiter(best.keys(), dtype=np.int64)
+        query = np.array([best[t][1] for t in train], dtype=np.int64)
+        return q.points[query], c.points[train]
+
+    def _fit(self, qp: np.ndarray, cp: np.ndarray, q_scale: float) -> tuple[np.ndarray | None, np.ndarray]:
+        cv2 = self.cv2
+        # RANSAC threshold: ``ransac_px`` pixels of the query at its working resolution.
+        thr = self.ransac_px / q_scale
+        none = (None, np.zeros(len(qp), bool))
+        if self.model == "homography":
+            if len(qp) < 4:
+                return none
+            m, mask = cv2.findHomography(cp, qp, cv2.RANSAC, thr, maxIters=self.max_iters)
+        elif self.model == "affine":
+            m, mask = cv2.estimateAffine2D(cp, qp, method=cv2.RANSAC, ransacReprojThreshold=thr,
+                                           maxIters=self.max_iters, refineIters=5)
+        else:
+            m, mask = cv2.estimateAffinePartial2D(cp, qp, method=cv2.RANSAC, ransacReprojThreshold=thr,
+                                                  maxIters=self.max_iters, refineIters=5)
+        if m is None or mask is None:
+            return none
+        det = float(np.linalg.det(m[:2, :2]))
+        # Mirror images are handled by the mirrored query; extreme scales are chance fits.
+        if det <= 0 or not (1 / 100 <= det <= 100):
+            return none
+        return m, mask.ravel().astype(bool)
+
+    def _attempt(self, q: Features, c: Features) -> tuple[int, int, np.ndarray | None, np.ndarray, np.ndarray]:
+        qp, cp = self._match(q, c)
+        if len(qp) < max(3, self.min_inliers):
+            return 0, len(qp), None, qp[:0], cp[:0]
+        m, inl = self._fit(qp, cp, q.scale)
+        if m is None:
+            return 0, len(qp), None, qp[:0], cp[:0]
+        return int(inl.sum()), len(qp), m, qp[inl], cp[inl]
+
+    # -- the matched region --------------------------------------------------------------
+
+    def _agreeing_box(self, q: Features, c: Features, m: np.ndarray, qin: np.ndarray) -> Box:
+        """Query box of the area where the warped candidate agrees with the query (local NCC),
+        connected to the inliers; at least the inliers' own box. ``q`` is the (possibly
+        mirrored) query the transform ``m`` maps into."""
+        inlier_box = _box(qin, q.size)
+        if not self.refine_box or q.grey is None or c.grey is None:
+            return inlier_box
+        cv2 = self.cv2
+        sq, sc = q.scale, c.scale
+        work = np.diag([sq, sq, 1.0]) @ _as3x3(m) @ np.diag([1 / sc, 1 / sc, 1.0])  # working px -> working px
+        qh, qw = q.grey.shape
+        if self.model == "homography":
+            warped = cv2.warpPerspective(c.grey, work, (qw, qh), flags=cv2.INTER_LINEAR)
+            valid = cv2.warpPerspective(np.full(c.grey.shape, 255, np.uint8), work, (qw, qh), flags=cv2.INTER_NEAREST)
+        else:
+            warped = cv2.warpAffine(c.grey, work[:2], (qw, qh), flags=cv2.INTER_LINEAR)
+            valid = cv2.warpAffine(np.full(c.grey.shape, 255, np.uint8), work[:2], (qw, qh), flags=cv2.INTER_NEAREST)
+        a, b = q.grey.astype(np.float32), warped.astype(np.float32)
+        k = (9, 9)
+        ma, mb = cv2.blur(a, k), cv2.blur(b, k)
+        va = cv2.blur(a * a, k) - ma * ma
+        vb = cv2.blur(b * b, k) - mb * mb
+        cov = cv2.blur(a * b, k) - ma * mb
+        textured = (va > 16.0) & (vb > 16.0)
+        ncc = cov / np.sqrt(np.maximum(va * vb, 1e-6))
+        agree = (textured & (ncc > 0.5) & (valid > 0)).astype(np.uint8)
+        agree = cv2.morphologyEx(agree, cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8))
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(agree, connectivity=8)
+        if n <= 1:
+            return inlier_box
+        pts = np.clip(np.round(qin * sq).astype(int), 0, [qw - 1, qh - 1])
+        keep = set(int(v) for v in labels[pts[:, 1], pts[:, 0]] if v > 0)
+        if not keep:
+            return inlier_box
+        x0, y0, x1, y1 = inlier_box
+        for lab in keep:
+            sx, sy, sw, sh = stats[lab, :4]
+            x0, y0 = min(x0, sx / sq), min(y0, sy / sq)
+            x1, y1 = max(x1, (sx + sw) / sq), max(y1, (sy + sh) / sq)
+        w, h = q.size
+        return (int(max(0, np.floor(x0))), int(max(0, np.floor(y0))), int(min(w, np.ceil(x1))), int(min(h, np.ceil(y1))))
+
+    # -- the check -----------------------------------------------------------------------
+
+    def verify(self, query: Image.Image | Features, candidate: Image.Image | Features) -> Verification:
+        """Is ``candidate`` (or a part of it) copied in ``query``? Either may be precomputed
+        :class:`Features` (a query's from ``features(image, query=True)``)."""
+        t0 = time.perf_counter()
+        q = query if isinstance(query, Features) else self.features(query, query=True)
+        c = candidate if isinstance(candidate, Features) else self.features(candidate)
+        best, used = self._attempt(q, c), q
+        if (best[0] < self.min_inliers and self.try_flip and q.mirrored is not None
+                and time.perf_counter() - t0 < self.time_budget_s):
+            other = self._attempt(q.mirrored, c)
+            if other[0] > best[0]:
+                best, used = other, q.mirrored
+        inliers, n_matches, m, qin, cin = best
+        if inliers < self.min_inliers:
+            return Verification(inliers, 0.0, None, None, False, n_matches, None, time.perf_counter() - t0)
+        flipped = used is not q
+        qbox = self._agreeing_box(used, c, m, qin)
+        # Candidate box: the query box mapped back, within the candidate, at least the inliers' box.
+        corners = np.array([[qbox[0], qbox[1]], [qbox[2], qbox[1]], [qbox[0], qbox[3]], [qbox[2], qbox[3]]], float)
+        back = _apply(np.linalg.inv(_as3x3(m)), corners)
+        cbox = _union(_box(back, c.size), _box(cin, c.size))
+        if flipped:  # mirrored-query pixels -> query pixels
+            w = q.size[0]
+            qbox = (w - qbox[2], qbox[1], w - qbox[0], qbox[3])
+            mirror = np.array([[-1.0, 0.0, w], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+            m = (mirror @ _as3x3(m))[: m.shape[0]]
+        score = float(1.0 - np.exp(-(inliers - self.min_inliers + 1) / self.score_scale))
+        return Verification(
+            inliers=inliers,
+            score=score,
+            query_box=qbox,
+            candidate_box=cbox,
+            flipped=flipped,
+            matches=n_matches,
+            transform=m,
+            seconds=time.perf_counter() - t0,
+        )
+
+    def verify_many(self, query: Image.Image, candidates: list[Image.Image | Features]) -> list[Verification]:
+        """One query against several candidates; the query's features are computed once."""
+        q = self.features(query, query=True)
+        return [self.verify(q, c) for c in candidates]
+
+
+def _box(points: np.ndarray, size: tuple[int, int]) -> Box:
+    w, h = size
+    x0, y0 = np.floor(points.min(axis=0))
+    x1, y1 = np.ceil(points.max(axis=0)) + 1
+    return (int(max(0, x0)), int(max(0, y0)), int(min(w, max(x1, x0 + 1))), int(min(h, max(y1, y0 + 1))))
+
+
+def _union(a: Box, b: Box) -> Box:
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+
+
+_DEFAULT: Verifier | None = None
+
+
+def verify(query: Image.Image, candidate: Image.Image, verifier: Verifier | None = None) -> Verification:
+    """Verify one pair with the default settings (ORB, similarity, mirrored query tried)."""
+    global _DEFAULT
+    if verifier is None:
+        if _DEFAULT is None:
+            _DEFAULT = Verifier()
+        verifier = _DEFAULT
+    return verifier.verify(query, candidate)
+
+
+def decode(data: bytes) -> Image.Image:
+    """Image bytes (e.g. one tar member) -> RGB PIL image."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
+
+
+def load_candidate(tar_url: str, tar_offset: int, tar_size: int, storage=None) -> Image.Image:
+    """A corpus image, fetched with one ranged read from its tar (embedding-row columns)."""
+    from pipeline.io import read_range
+
+    return decode(read_range(tar_url, int(tar_offset), int(tar_size), storage))
