@@ -4,6 +4,9 @@ For each embedder it reports
   * plain loop: read from the tars + decode + the embedder's preprocessing, one process
     (one core): the ceiling a decode-bound pipeline can reach per core;
   * bare forward: the model alone on already-preprocessed batches;
+  * single-process ceiling: one core doing decode + preprocessing + model, from the two
+    figures above (1 / (1/loop + 1/forward)): what a pipeline can reach per core when the
+    model runs on the same CPUs as decoding;
   * pipeline: ``run_embed`` on a local Ray using every core, images/s overall and per core;
   * where the pipeline's time goes (summed over shards: read, decode+preprocess, waiting on
     the model, write).
@@ -123,8 +126,11 @@ def main() -> None:
             tars = make_corpus(tmp / f"tars-{name}", n, min(args.per_tar, n), (args.width, args.height))
             loop_rate, pixels = plain_loop(tars, ecfg)
             model_rate = bare_forward(ecfg, pixels, args.batch_size)
+            # Warm-up: Ray workers import the libraries once; a LAION-scale run amortises that.
+            pipeline_run(tars[:1], tmp / f"warm-{name}", ecfg, args.batch_size, args.cpus_per_actor)
             run = pipeline_run(tars, tmp / f"emb-{name}", ecfg, args.batch_size, args.cpus_per_actor)
             per_core = run["images_per_s"] / cores
+            ceiling = 1 / (1 / loop_rate + 1 / model_rate)
             results[name] = {
                 "images": n,
                 "plain_decode_preprocess_per_core": round(loop_rate, 1),
@@ -132,6 +138,8 @@ def main() -> None:
                 "pipeline": round(run["images_per_s"], 1),
                 "pipeline_per_core": round(per_core, 1),
                 "pipeline_per_core_vs_plain_loop": round(per_core / loop_rate, 3),
+                "single_process_ceiling_per_core": round(ceiling, 1),
+                "pipeline_per_core_vs_ceiling": round(per_core / ceiling, 3),
                 "pipeline_vs_bare_forward": round(run["images_per_s"] / model_rate, 3),
                 "time_split_s": run["time_split_s"],
             }
