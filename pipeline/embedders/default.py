@@ -1,6 +1,49 @@
-"""Weight-free copy descriptor (first version): zero-mean grey thumbnail, 256-d."""
+"""Weight-free copy descriptor: multi-scale oriented-gradient pyramid + learned whitening.
+
+Corpus side, one global vector per image:
+
+1. ``preprocess`` (CPU decode workers): JPEGs are decoded with PIL ``draft`` (DCT-domain
+   downscale, so a 400 px JPEG costs about a quarter of a full decode), then the whole image
+   is squashed (aspect ignored, nothing cut off) to ``INPUT_SIZE`` x ``INPUT_SIZE`` RGB uint8.
+2. ``embed`` (embedding actor), batched numpy, no weights but one small matrix:
+
+   * grey levels -> signed gradient-orientation maps (12 directions, cos^6 tuning, so small
+     rotations move energy smoothly between neighbouring bins) at two scales (64 and 32 px);
+   * pooled on 1x1 (centre-weighted Gaussian), 2x2, 3x3, 4x4 and 6x6 grids (1x1, 2x2, 4x4 at 32 px) with overlapping tent
+     windows (crops and small rotations shift content without flipping it between cells);
+   * divided by the image's mean gradient energy (contrast invariance), square-rooted
+     (Hellinger / power normalisation);
+   * plus a standardised 8x8 grey thumbnail and 4x4 colour-opponent means (brightness,
+     contrast invariant; colour features are down-weighted by the learned whitening because
+     the training pairs include colour jitter and greyscale);
+   * made exactly invariant to a horizontal flip: each feature ``a`` and its mirror image
+     ``b`` (mirrored cell, mirrored orientation bin) become ``a + b`` and ``|a - b|``;
+   * projected with a *learned whitening* (Radenovic et al., "Fine-tuning CNN image
+     retrieval with no human annotation", TPAMI 2018, sec. 3.3): the covariance of
+     differences between images and their edited copies is whitened, then the directions of
+     largest variance between images are kept (``DIM`` of them), and the result is
+     L2-normalised.
+
+The whitening is learned once by :mod:`pipeline.embedders.default_fit` from data the project
+has (procedural scenes + photographs bundled with scikit-image/matplotlib/scikit-learn, with
+the benchmark's pixels held out) and shipped as ``pipeline/embedders/data/<VERSION>.npz``.
+Its sha256 is ``identity()["weights"]``; ``EmbedderConfig.checkpoint`` may point at another
+whitening file made by the same script.
+
+Query side: :meth:`DefaultDescriptor.embed_regions` embeds the whole query plus overlapping
+windows at several scales (``EmbedderConfig.query_region_scales`` / ``query_region_step``;
+87 windows by default), so an object copied into a new scene is still found; search merges
+the regions' results per corpus key (max score).
+"""
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -8,33 +51,329 @@ from PIL import Image
 
 from pipeline.config import EmbedderConfig
 from pipeline.embedders.base import Embedder, l2_normalize
-from pipeline.io import Storage
+from pipeline.errors import ConfigError
+from pipeline.io import Storage, read_bytes
 
+#: Feature-code version. Changing the feature code means a new version and a new fit.
+VERSION = "gradpyr64-lw-v1"
 INPUT_SIZE = 64
-GRID = 16
+#: Output dimension of the shipped whitening.
+DIM = 256
+#: Signed orientation bins, and the power of the cosine tuning of each bin.
+BINS = 12
+TUNING_POWER = 6  # computed as (cos^2)^3 below
+#: Pooling grids at full resolution (64 px) and at half resolution (32 px).
+GRIDS_FULL = (1, 2, 3, 4, 6)
+GRIDS_HALF = (1, 2, 4)
+THUMB = 8
+COLOUR_GRID = 4
+#: Default query-side windows (EmbedderConfig.query_region_scales / query_region_step).
+DEFAULT_REGION_SCALES = (0.75, 0.6, 0.5, 0.4)
+DEFAULT_REGION_STEP = 0.33
+
+DATA_DIR = Path(__file__).parent / "data"
+SHIPPED_WHITENING = DATA_DIR / f"{VERSION}.npz"
+
+_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# Raw (unwhitened) features
+# ------------------------------------------------------------------------------------------
+
+
+def _tent_matrix(length: int, grid: int) -> np.ndarray:
+    """(grid, length) pooling weights: overlapping tents (a Gaussian for grid 1), rows sum to 1."""
+    x = np.arange(length, dtype=np.float64) + 0.5
+    if grid == 1:
+        w = np.exp(-0.5 * ((x - length / 2) / (0.35 * length)) ** 2)[None]
+    else:
+        width = length / grid
+        centres = (np.arange(grid) + 0.5) * width
+        w = np.maximum(0.0, 1.0 - np.abs(x[None] - centres[:, None]) / width)
+    return (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def _pooling_2d(length: int, grids: tuple[int, ...]) -> np.ndarray:
+    """(length * length, cells) weights of every cell of every grid, cells in (grid, row, col) order."""
+    cols = []
+    for g in grids:
+        t = _tent_matrix(length, g)  # (g, L)
+        cols.append(np.einsum("ih,jw->hwij", t, t).reshape(length * length, g * g))
+    return np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.float32)
+
+
+@lru_cache(maxsize=None)
+def _directions() -> tuple[np.ndarray, np.ndarray]:
+    ang = 2 * np.pi * np.arange(BINS) / BINS
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def _orientation_pyramid(grey: np.ndarray, grids: tuple[int, ...]) -> list[np.ndarray]:
+    """grey (n, L, L) -> per grid g: (n, g, g, BINS) pooled oriented-gradient energy, sqrt'ed."""
+    n, length = grey.shape[0], grey.shape[1]
+    gx = np.zeros_like(grey)
+    gy = np.zeros_like(grey)
+    gx[:, :, 1:-1] = grey[:, :, 2:] - grey[:, :, :-2]
+    gy[:, 1:-1, :] = grey[:, 2:, :] - grey[:, :-2, :]
+    mag = np.sqrt(gx * gx + gy * gy) + 1e-6
+    ux, uy = gx / mag, gy / mag
+    cos, sin = _directions()
+    hist = np.empty((n, BINS, length, length), dtype=np.float32)
+    r = np.empty_like(grey)
+    for b in range(BINS):
+        np.multiply(ux, cos[b], out=r)
+        r += uy * sin[b]
+        np.maximum(r, 0.0, out=r)
+        np.multiply(r, r, out=r)  # cos^2, then cubed: cos^6 (TUNING_POWER)
+        np.multiply(r * r, r, out=hist[:, b])
+        hist[:, b] *= mag
+    # One matrix product pools every cell of every grid (overlapping tent windows).
+    pooled = (hist.reshape(n * BINS, length * length) @ _pooling_2d(length, grids)).reshape(n, BINS, -1)
+    energy = mag.reshape(n, -1).mean(axis=1)[:, None, None] + 1e-3
+    pooled = np.sqrt(np.maximum(pooled / energy, 0.0)).transpose(0, 2, 1)  # (n, cells, BINS)
+    out, start = [], 0
+    for g in grids:
+        out.append(pooled[:, start:start + g * g, :].reshape(n, g, g, BINS))
+        start += g * g
+    return out
+
+
+def _mirror_orientation_grid(g: int) -> np.ndarray:
+    """Index permutation of a flattened (g, g, BINS) block under a horizontal mirror."""
+    idx = np.arange(g * g * BINS).reshape(g, g, BINS)
+    mirrored_bins = (BINS // 2 - np.arange(BINS)) % BINS
+    return idx[:, ::-1, :][:, :, mirrored_bins].reshape(-1)
+
+
+def _mirror_grid(g: int, channels: int) -> np.ndarray:
+    return np.arange(g * g * channels).reshape(g, g, channels)[:, ::-1, :].reshape(-1)
+
+
+@lru_cache(maxsize=None)
+def _mirror_permutation() -> np.ndarray:
+    parts, offset = [], 0
+    for g in GRIDS_FULL + GRIDS_HALF:
+        parts.append(_mirror_orientation_grid(g) + offset)
+        offset += g * g * BINS
+    parts.append(_mirror_grid(THUMB, 1) + offset)
+    offset += THUMB * THUMB
+    parts.append(_mirror_grid(COLOUR_GRID, 2) + offset)
+    return np.concatenate(parts)
+
+
+@lru_cache(maxsize=None)
+def _flip_invariant_index() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    perm = _mirror_permutation()
+    i = np.arange(len(perm))
+    fixed = i[perm == i]
+    first = i[i < perm]
+    return fixed, first, perm[first]
+
+
+def raw_dim() -> int:
+    return len(_mirror_permutation())
+
+
+def raw_features(batch: np.ndarray) -> np.ndarray:
+    """(n, INPUT_SIZE, INPUT_SIZE, 3) uint8 -> (n, raw_dim()) float32, flip-invariant."""
+    batch = np.asarray(batch)
+    if batch.ndim != 4 or batch.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
+        raise ValueError(f"expected (n, {INPUT_SIZE}, {INPUT_SIZE}, 3) uint8, got {batch.shape}")
+    n = batch.shape[0]
+    rgb = batch.astype(np.float32) * (1.0 / 255.0)
+    grey = rgb @ _GREY
+    half = grey.reshape(n, INPUT_SIZE // 2, 2, INPUT_SIZE // 2, 2).mean(axis=(2, 4))
+    feats = _orientation_pyramid(grey, GRIDS_FULL) + _orientation_pyramid(half, GRIDS_HALF)
+    parts = [f.reshape(n, -1) for f in feats]
+    # Standardised grey thumbnail and colour-opponent means (scaled by the grey contrast).
+    k = INPUT_SIZE // THUMB
+    thumb = grey.reshape(n, THUMB, k, THUMB, k).mean(axis=(2, 4)).reshape(n, -1)
+    mu = thumb.mean(axis=1, keepdims=True)
+    sd = grey.std(axis=(1, 2))[:, None] + 0.02
+    parts.append((thumb - mu) / sd * 0.5)
+    o1 = (rgb[..., 0] - rgb[..., 1]) * 0.7071
+    o2 = (rgb[..., 0] + rgb[..., 1] - 2 * rgb[..., 2]) * 0.4082
+    c = INPUT_SIZE // COLOUR_GRID
+    opp = np.stack([o1, o2], axis=-1).reshape(n, COLOUR_GRID, c, COLOUR_GRID, c, 2).mean(axis=(2, 4))
+    parts.append(opp.reshape(n, -1) / sd)
+    f = np.concatenate(parts, axis=1)
+    fixed, first, second = _flip_invariant_index()
+    a, b = f[:, first], f[:, second]
+    return np.concatenate([2 * f[:, fixed], a + b, np.abs(a - b)], axis=1).astype(np.float32)
+
+
+def to_input(image: Image.Image) -> np.ndarray:
+    """PIL image (lazily opened JPEGs decode at reduced size) -> (S, S, 3) uint8."""
+    if getattr(image, "format", None) == "JPEG":
+        try:
+            image.draft("RGB", (INPUT_SIZE, INPUT_SIZE))  # no-op once the image is loaded
+        except Exception:  # noqa: BLE001 - draft is only an optimisation
+            pass
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    small = image.resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR, reducing_gap=2.0)
+    return np.asarray(small, dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------------
+# The learned whitening: saved, versioned, loaded like weights
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Whitening:
+    """``v = l2_normalize((raw - mean) @ proj)``; ``meta`` records how it was fitted."""
+
+    mean: np.ndarray  # (raw_dim,) float32
+    proj: np.ndarray  # (raw_dim, dim) float32
+    version: str = VERSION
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.proj.shape[1])
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        return l2_normalize((raw - self.mean) @ self.proj)
+
+    def to_bytes(self) -> bytes:
+        """Deterministic .npz bytes (fixed zip timestamps): same arrays -> same sha256."""
+        arrays = {
+            "mean": np.ascontiguousarray(self.mean, dtype=np.float32),
+            "proj": np.ascontiguousarray(self.proj, dtype=np.float32),
+            "version": np.array(self.version),
+            "meta": np.array(json.dumps(self.meta, sort_keys=True)),
+        }
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name in sorted(arrays):
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                arr_buf = io.BytesIO()
+                np.lib.format.write_array(arr_buf, arrays[name], allow_pickle=False)
+                zf.writestr(info, arr_buf.getvalue())
+        return buf.getvalue()
+
+    def save(self, path: str | Path) -> str:
+        """Write the .npz; returns its sha256."""
+        data = self.to_bytes()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return hashlib.sha256(data).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "whitening") -> "Whitening":
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                w = cls(
+                    mean=z["mean"].astype(np.float32),
+                    proj=z["proj"].astype(np.float32),
+                    version=str(z["version"]),
+                    meta=json.loads(str(z["meta"])),
+                )
+        except Exception as exc:  # noqa: BLE001 - any format problem is a config problem
+            raise ConfigError(f"{where} is not a default-descriptor whitening file (.npz): {exc}") from exc
+        if w.version != VERSION:
+            raise ConfigError(
+                f"{where} was fitted for descriptor version {w.version!r}, this code computes "
+                f"{VERSION!r}; refit it with `python -m pipeline.embedders.default_fit`"
+            )
+        if w.mean.shape != (raw_dim(),) or w.proj.ndim != 2 or w.proj.shape[0] != raw_dim():
+            raise ConfigError(f"{where} has shapes {w.mean.shape}/{w.proj.shape}, expected ({raw_dim()},)/({raw_dim()}, d)")
+        return w
+
+
+def load_whitening(url: str | None = None, storage: Storage | None = None) -> tuple[Whitening, str]:
+    """(whitening, sha256 of its file): the shipped one, or ``url`` (any fsspec URL)."""
+    if url:
+        data = read_bytes(url, storage)
+        where = f"embedder.checkpoint {url!r}"
+    else:
+        if not SHIPPED_WHITENING.is_file():
+            raise ConfigError(
+                f"the default descriptor's whitening {SHIPPED_WHITENING} is missing; "
+                "reinstall the package or run `python -m pipeline.embedders.default_fit`"
+            )
+        data = SHIPPED_WHITENING.read_bytes()
+        where = str(SHIPPED_WHITENING)
+    return Whitening.from_bytes(data, where), hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
+# The embedder
+# ------------------------------------------------------------------------------------------
+
+
+def region_boxes(width: int, height: int, scales: tuple[float, ...] | list[float] = DEFAULT_REGION_SCALES,
+                 step: float = DEFAULT_REGION_STEP) -> list[tuple[int, int, int, int]]:
+    """Query-side windows ``(x0, y0, x1, y1)`` of a ``width`` x ``height`` image: the whole image,
+    then for each scale ``s`` windows of ``s`` times each side, spread evenly so that neighbours
+    are at most ``step`` of a window apart (n = ceil((1 - s) / (s * step)) + 1 per axis)."""
+    boxes: list[tuple[int, int, int, int]] = [(0, 0, width, height)]
+    for s in scales:
+        cw, ch = max(1, round(width * s)), max(1, round(height * s))
+        n = int(np.ceil((1 - s) / (s * step) - 1e-9)) + 1 if s < 1 else 1
+        for i in range(n):
+            for j in range(n):
+                x0 = round((width - cw) * j / max(1, n - 1))
+                y0 = round((height - ch) * i / max(1, n - 1))
+                box = (x0, y0, x0 + cw, y0 + ch)
+                if box not in boxes:
+                    boxes.append(box)
+    return boxes
 
 
 class DefaultDescriptor(Embedder):
     name = "default"
-    dim = GRID * GRID
+    dim = DIM
 
     def __init__(self, cfg: EmbedderConfig | None = None, storage: Storage | None = None):
-        self.version = "thumb16-v1"
+        cfg = cfg or EmbedderConfig()
+        if cfg.image_size is not None and cfg.image_size != INPUT_SIZE:
+            raise ConfigError(
+                f"the default descriptor works on {INPUT_SIZE} px inputs (its whitening is fitted "
+                f"for them); leave embedder.image_size unset, got {cfg.image_size}"
+            )
+        self.whitening, self.sha256 = load_whitening(cfg.checkpoint, storage)
+        self.dim = self.whitening.dim
+        self.region_scales = tuple(float(x) for x in cfg.query_region_scales)
+        self.region_step = float(cfg.query_region_step)
+        if any(not 0.05 <= x <= 1.0 for x in self.region_scales):
+            raise ConfigError(f"embedder.query_region_scales must lie in [0.05, 1], got {list(self.region_scales)}")
+        if not 0.05 <= self.region_step <= 1.0:
+            raise ConfigError(f"embedder.query_region_step must lie in [0.05, 1], got {self.region_step}")
+        self.version = VERSION
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        return np.asarray(image.convert("RGB").resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR), dtype=np.uint8)
+        return to_input(image)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
-        grey = batch.astype(np.float32).mean(axis=3)
-        n, k = len(grey), INPUT_SIZE // GRID
-        thumbs = grey.reshape(n, GRID, k, GRID, k).mean(axis=(2, 4)).reshape(n, -1)
-        return l2_normalize(thumbs - thumbs.mean(axis=1, keepdims=True))
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.whitening.apply(raw_features(batch)).astype(np.float32)
+
+    def embed_regions(self, image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        boxes = region_boxes(image.width, image.height, self.region_scales, self.region_step)
+        # Work on a copy just large enough that the smallest window still has >= 2x the
+        # descriptor's input pixels: every window then costs about the same, small, resize.
+        work_side = int(np.ceil(2 * INPUT_SIZE / min(self.region_scales or (1.0,))))
+        f = min(1.0, work_side / max(image.size))
+        work = image.resize((max(1, round(image.width * f)), max(1, round(image.height * f))), Image.BILINEAR,
+                            reducing_gap=2.0) if f < 1.0 else image
+        sx, sy = work.width / image.width, work.height / image.height
+        batch = np.stack([to_input(work.crop((x0 * sx, y0 * sy, x1 * sx, y1 * sy))) for x0, y0, x1, y1 in boxes])
+        return self.embed(batch), boxes
 
     def identity(self) -> dict[str, Any]:
         return {
             "embedder": self.name,
             "model": self.version,
-            "weights": "none",
+            "weights": f"sha256:{self.sha256}",
             "dim": self.dim,
-            "preprocess": f"resize={INPUT_SIZE}x{INPUT_SIZE},bilinear",
+            "preprocess": f"jpeg-draft,squash={INPUT_SIZE}x{INPUT_SIZE},bilinear",
         }
