@@ -9,8 +9,11 @@ Global descriptors rank candidates; this module checks a short list of them geom
 2. descriptors are matched with Lowe's ratio test, at most one match per candidate keypoint;
 3. a similarity transform (rotation + uniform scale + translation; or a full affine /
    homography) is fitted with RANSAC; implausible transforms (reflection, extreme scale) are
-   rejected;
-4. when the direct attempt fails, the mirrored query is tried (copies are often flipped);
+   rejected; a pair is verified with at least ``min_inliers`` inliers that are at least
+   ``min_inlier_ratio`` of the tentative matches (chance fits among many ambiguous matches
+   reach a dozen inliers, but at a low ratio);
+4. unless the direct attempt is clearly a copy, the mirrored query is tried too (copies are
+   often flipped) and the better accepted attempt is kept;
 5. the matched region is where the aligned images agree: the candidate is warped onto the
    query and the local normalised cross-correlation marks the pixels that match; the query
    box is the bounding box of the agreeing area connected to the inliers (never smaller than
@@ -124,7 +127,8 @@ class Verifier:
         model: str = "similarity",
         ransac_px: float = 6.0,
         max_iters: int = 2000,
-        min_inliers: int = 12,
+        min_inliers: int = 15,
+        min_inlier_ratio: float = 0.2,
         score_scale: float = 20.0,
         try_flip: bool = True,
         refine_box: bool = True,
@@ -139,7 +143,7 @@ class Verifier:
         self.cv2 = cv2
         self.method, self.max_side, self.n_features = method, max_side, n_features
         self.ratio, self.model, self.ransac_px, self.max_iters = ratio, model, ransac_px, max_iters
-        self.min_inliers, self.score_scale = min_inliers, score_scale
+        self.min_inliers, self.min_inlier_ratio, self.score_scale = min_inliers, min_inlier_ratio, score_scale
         self.try_flip, self.refine_box, self.time_budget_s = try_flip, refine_box, time_budget_s
         if method == "orb":
             def orb(n: int):
@@ -232,6 +236,12 @@ class Verifier:
             return 0, len(qp), None, qp[:0], cp[:0]
         return int(inl.sum()), len(qp), m, qp[inl], cp[inl]
 
+    def _accepted(self, attempt: tuple) -> bool:
+        """Enough inliers, and enough of the tentative matches: chance fits among many
+        ambiguous matches (textures, similar scenes) reach a dozen inliers but a low ratio."""
+        inliers, n_matches = attempt[0], attempt[1]
+        return inliers >= self.min_inliers and inliers >= self.min_inlier_ratio * n_matches
+
     # -- the matched region --------------------------------------------------------------
 
     def _agreeing_box(self, q: Features, c: Features, m: np.ndarray, qin: np.ndarray) -> Box:
@@ -285,13 +295,14 @@ class Verifier:
         q = query if isinstance(query, Features) else self.features(query, query=True)
         c = candidate if isinstance(candidate, Features) else self.features(candidate)
         best, used = self._attempt(q, c), q
-        if (best[0] < self.min_inliers and self.try_flip and q.mirrored is not None
+        # The mirror is tried unless the direct attempt is already clearly a copy.
+        if (best[0] < 2 * self.min_inliers and self.try_flip and q.mirrored is not None
                 and time.perf_counter() - t0 < self.time_budget_s):
             other = self._attempt(q.mirrored, c)
-            if other[0] > best[0]:
+            if self._accepted(other) and (not self._accepted(best) or other[0] > best[0]):
                 best, used = other, q.mirrored
         inliers, n_matches, m, qin, cin = best
-        if inliers < self.min_inliers:
+        if not self._accepted(best):
             return Verification(inliers, 0.0, None, None, False, n_matches, None, time.perf_counter() - t0)
         flipped = used is not q
         qbox = self._agreeing_box(used, c, m, qin)
