@@ -2,14 +2,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from pipeline.config import EmbedderConfig
-from pipeline.embedders.base import Embedder, l2_normalize, square_crop_uint8
-from pipeline.embedders.torch_util import file_sha256, local_copy, pick_device, to_normalized_tensor
+from pipeline.embedders.base import Embedder
+from pipeline.embedders.torch_util import TorchImageEmbedder, file_sha256, local_copy, pick_device
 from pipeline.io import Storage, read_bytes
 
 
@@ -41,12 +37,11 @@ def register_config(url: str, storage: Storage | None = None) -> str:
     return name
 
 
-class OpenClipEmbedder(Embedder):
+class OpenClipEmbedder(TorchImageEmbedder, Embedder):
     name = "open_clip"
 
     def __init__(self, cfg: EmbedderConfig, storage: Storage | None = None):
         import open_clip
-        import torch
 
         if cfg.model_config:
             register_config(cfg.model_config, storage)
@@ -64,29 +59,7 @@ class OpenClipEmbedder(Embedder):
         self.image_size = cfg.image_size or (size[0] if isinstance(size, (tuple, list)) else int(size))
         self.mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
         self.std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
-        with torch.no_grad():
-            probe = np.zeros((1, self.image_size, self.image_size, 3), dtype=np.uint8)
-            self.dim = int(self._forward(probe).shape[1])
+        self._probe_dim()
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        return square_crop_uint8(image, self.image_size)
-
-    def _forward(self, batch: np.ndarray):
-        x = to_normalized_tensor(batch, self.mean, self.std, self.device)
-        return self.model.encode_image(x).float()
-
-    def embed(self, batch: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return l2_normalize(self._forward(batch).cpu().numpy())
-
-    def identity(self) -> dict[str, Any]:
-        return {
-            "embedder": self.name,
-            "model": self.arch,
-            "weights": self.weights,
-            "dim": self.dim,
-            "preprocess": f"resize_short={self.image_size},center_crop={self.image_size},"
-            f"mean={list(self.mean)},std={list(self.std)}",
-        }
+    def _network(self, x):
+        return self.model.encode_image(x)

@@ -57,3 +57,41 @@ def to_normalized_tensor(batch: np.ndarray, mean: tuple, std: tuple, device: str
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+class TorchImageEmbedder:
+    """Shared body of the torch embedders: square crop on CPU workers, normalise + forward in
+    the actor. Subclasses set model, device, image_size, mean, std, arch, weights in
+    ``__init__``, implement ``_network(x)``, then call ``_probe_dim()``."""
+
+    def preprocess(self, image):
+        from pipeline.embedders.base import square_crop_uint8
+
+        return square_crop_uint8(image, self.image_size)
+
+    def _forward(self, batch: np.ndarray):
+        return self._network(to_normalized_tensor(batch, self.mean, self.std, self.device)).float()
+
+    def _probe_dim(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self.dim = int(self._forward(np.zeros((1, self.image_size, self.image_size, 3), np.uint8)).shape[1])
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        from pipeline.embedders.base import l2_normalize
+
+        with torch.inference_mode():
+            return l2_normalize(self._forward(batch).cpu().numpy())
+
+    def identity(self) -> dict:
+        return {
+            "embedder": self.name,
+            "model": self.arch,
+            "weights": self.weights,
+            "dim": self.dim,
+            "preprocess": f"resize_short={self.image_size},center_crop={self.image_size},"
+            f"mean={list(self.mean)},std={list(self.std)}",
+        }
