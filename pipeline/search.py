@@ -244,6 +244,7 @@ def run_search(cfg: SearchConfig, progress: bool = True) -> dict[str, Any]:
     """Run one search; returns the report's summary (also written as summary.json)."""
     from pipeline.embedders import build_embedder
     from pipeline.index.registry import Registry, fetch_rows
+    from pipeline.index.rerank import source_for
     from pipeline.index.serve import IndexSearcher
     from pipeline.queries import load_key_set, load_queries
     from pipeline.report import calibrate_threshold, run_report
