@@ -41,7 +41,7 @@ def corpus_images(n: int, seed: int):
     rng = np.random.default_rng(seed)
     for i in range(n):
         if i < len(tiles) and i % 3 == 0:
-            yield tiles[i // 3] if i // 3 < len(tiles) else synthetic.scene(seed + i)
+            yield tiles[i // 3]
         else:
             w, h = int(rng.integers(280, 420)), int(rng.integers(220, 340))
             yield synthetic.scene(seed * 7_919 + i, (w, h))
@@ -74,12 +74,11 @@ def build_corpus(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def corpus_image(workdir: str, key: str):
-    from pipeline.verify import decode
-
-    shard = key[:5]
     import tarfile
 
-    with tarfile.open(join(workdir, "corpus", f"{shard}.tar")) as tf:
+    from pipeline.verify import decode
+
+    with tarfile.open(join(workdir, "corpus", f"{key[:5]}.tar")) as tf:
         return decode(tf.extractfile(f"{key}.jpg").read())
 
 
