@@ -7,9 +7,9 @@
 
 Data (all offline, deterministic): references are photo tiles (scikit-image, matplotlib and
 scikit-learn sample photographs cut into distinct 128 px squares, part 0 of 3; see
-:func:`pipeline.synthetic.photo_tiles`) and procedural scenes; the corpus holds them plus
+:func:`pipeline.synthetic_images.photo_tiles`) and procedural scenes; the corpus holds them plus
 procedural "other" images. Queries are edited copies of references, one edit type each
-(:data:`pipeline.synthetic.EDITS`, plus "paste": an object of a reference pasted into an
+(:data:`pipeline.synthetic_images.EDITS`, plus "paste": an object of a reference pasted into an
 unrelated scene), and distractor queries: edited images with no reference in the corpus
 (photo tiles of part 1, other procedural seeds). The descriptor's whitening was fitted on
 part 2 and on seeds >= 1,000,000: no benchmark pixel was seen by the fit.
@@ -46,7 +46,7 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pipeline import synthetic  # noqa: E402
+from pipeline import synthetic_images as synthetic  # noqa: E402
 from pipeline.embedders.default import DefaultDescriptor  # noqa: E402
 from pipeline.embedders.default_fit import PHOTO_PARTS, PHOTO_TILE  # noqa: E402
 

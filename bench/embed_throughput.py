@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import synthetic
-from pipeline.config import EmbedConfig, EmbedderConfig, RayConfig
+from pipeline import synthetic_images as synthetic
+from pipeline.config import EmbedConfig, EmbedderConfig
 from pipeline.sample import laion_sample, write_tar
 
 
@@ -79,12 +79,14 @@ def bare_forward(ecfg: EmbedderConfig, pixels: list[np.ndarray], batch_size: int
 def pipeline_run(tars: list[str], out: Path, ecfg: EmbedderConfig, batch_size: int, cpus_per_actor: float) -> dict:
     from pipeline.embed import run_embed
 
-    cfg = EmbedConfig(input=tars, output=str(out), embedder=ecfg, batch_size=batch_size,
-                      ray=RayConfig(cpus_per_actor=cpus_per_actor))
-    s = run_embed(cfg, progress=False)
+    from pipeline.layout.embeddings import EmbeddingsFolder
+
+    cfg = EmbedConfig(input=tars, output=str(out), embedder=ecfg, batch_size=batch_size, cpus_per_actor=cpus_per_actor)
+    s = run_embed(cfg)
     timings = Counter()
-    for f in out.glob("*.stats.json"):
-        timings.update(json.loads(f.read_text())["timings"])
+    folder = EmbeddingsFolder(str(out))
+    for shard in folder.complete_shards():
+        timings.update(folder.read_stats(shard).timings)
     return {"images_per_s": s.images_per_s, "images": s.images, "seconds": s.seconds,
             "time_split_s": {k: round(v, 2) for k, v in timings.items()}}
 

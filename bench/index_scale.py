@@ -3,7 +3,7 @@
     .venv/bin/python bench/index_scale.py --n 1000000 --out bench/out/idx1m --autofaiss /tmp/autofaiss-venv/bin/python
 
 Vectors have realistic structure (a random projection of a 48-d Gaussian mixture plus small
-noise, L2-normalised; see pipeline/index/synthetic.py) and are written as embedding Parquet
+noise, L2-normalised; see pipeline/testing/vectors.py) and are written as embedding Parquet
 shards, exactly what the embed stage writes. Then: train / add (Ray tasks) / merge timings,
 bytes per vector on disk and in RAM, queries/s and recall@1/@10 against exact brute force at
 several nprobe, recall after exact rerank, the cost of fetching 1,000 candidates' vectors
@@ -29,10 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from pipeline import io  # noqa: E402
 from pipeline.config import IndexConfig  # noqa: E402
-from pipeline.index.registry import Registry, decode_ids, encode_ids, list_complete_shards  # noqa: E402
-from pipeline.index.synthetic import MixtureSource, identity, write_folder_info, write_shard  # noqa: E402
+from pipeline.index.registry import Registry, decode_ids, encode_ids  # noqa: E402
+from pipeline.layout.embeddings import EmbeddingsFolder, EmbeddingsInfo  # noqa: E402
+from pipeline.layout.index import IndexFolder  # noqa: E402
+from pipeline.testing.vectors import MixtureSource, identity, write_shard  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -59,10 +60,10 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.system()}"
 
 
-def generate(src: MixtureSource, folder: str, n: int, rows: int) -> float:
+def generate(src: MixtureSource, folder: EmbeddingsFolder, n: int, rows: int) -> float:
     t = time.time()
-    write_folder_info(folder, identity(src.dim))
-    done = set(list_complete_shards(folder)) if Path(folder).exists() else set()
+    folder.claim(EmbeddingsInfo(identity=identity(src.dim)))
+    done = set(folder.complete_shards())
     shards = (n + rows - 1) // rows
     for s in range(shards):
         name = f"{s:06d}"
@@ -73,14 +74,14 @@ def generate(src: MixtureSource, folder: str, n: int, rows: int) -> float:
     return time.time() - t
 
 
-def exact_topk(queries: np.ndarray, folder: str, reg: Registry, k: int) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(queries: np.ndarray, reg: Registry, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Brute force over every ok vector, streaming shard by shard (fp16 stored values)."""
     from pipeline.index.train import read_ok_vectors
 
     best_s = np.full((len(queries), k), -np.inf, np.float32)
     best_i = np.full((len(queries), k), -1, np.int64)
     for number in range(len(reg)):
-        rows, x = read_ok_vectors(reg.url(number), None)
+        rows, x = read_ok_vectors(reg.embeddings, reg.name(number))
         s = queries @ x.T
         ids = encode_ids(number, rows)
         cs = np.concatenate([best_s, s], axis=1)
@@ -97,7 +98,7 @@ def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return round(recall_at(found, truth, k), 4)
 
 
-def run_autofaiss(python: str, out: Path, folder: str, reg: Registry, budget: str, queries: np.ndarray,
+def run_autofaiss(python: str, out: Path, reg: Registry, budget: str, queries: np.ndarray,
                   truth: np.ndarray, nprobes: list[int], threads: int, index_key: str = "",
                   timeout: float | None = None) -> dict:
     """autofaiss on the same vectors (exported to .npy in registry order) and memory budget."""
@@ -111,7 +112,7 @@ def run_autofaiss(python: str, out: Path, folder: str, reg: Registry, budget: st
     if not ids_path.exists():
         all_ids = []
         for number in range(len(reg)):
-            rows, x = read_ok_vectors(reg.url(number), None)
+            rows, x = read_ok_vectors(reg.embeddings, reg.name(number))
             np.save(emb_dir / f"emb_{number:06d}.npy", x.astype(np.float32))
             all_ids.append(encode_ids(number, rows))
         np.save(ids_path, np.concatenate(all_ids))
@@ -126,7 +127,7 @@ def run_autofaiss(python: str, out: Path, folder: str, reg: Registry, budget: st
         f"current_memory_available='8G', metric_type='ip', nb_cores={threads}, "
         "make_direct_map=False, should_be_memory_mappable=False, save_on_disk=True"
         + (f", index_key={index_key!r}" if index_key else "") + "); "
-        f"print('AUTOFAISS_SECONDS', time.time()-t)"
+        "print('AUTOFAISS_SECONDS', time.time()-t)"
     )
     log = out / f"{tag}.log"
     t = time.time()
@@ -168,7 +169,7 @@ def run_autofaiss(python: str, out: Path, folder: str, reg: Registry, budget: st
     return res
 
 
-def rerank_cost(index_url: str, reg: Registry, dim: int, all_ids: np.ndarray, rng: np.random.Generator,
+def rerank_cost(index: IndexFolder, reg: Registry, dim: int, all_ids: np.ndarray, rng: np.random.Generator,
                 has_side: bool) -> dict:
     """Seconds and bytes to fetch 1,000 random candidates' vectors, per source (cold-ish: new ids)."""
     from pipeline.index.rerank import ParquetVectors, SideFileVectors
@@ -176,7 +177,7 @@ def rerank_cost(index_url: str, reg: Registry, dim: int, all_ids: np.ndarray, rn
     out = {}
     sources = [("parquet", ParquetVectors(reg, dim))]
     if has_side:
-        sources.insert(0, ("side_file", SideFileVectors(index_url, dim)))
+        sources.insert(0, ("side_file", SideFileVectors(index, dim)))
     for name, src in sources:
         times = []
         for rep in range(3):
@@ -231,6 +232,7 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     emb, index_url = str(out / "embeddings"), str(out / "index")
+    index = IndexFolder(index_url)
     result: dict = {"machine": machine(), "n": args.n, "dim": args.dim, "faiss": faiss.__version__,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "loadavg_start": os.getloadavg()}
@@ -239,16 +241,16 @@ def main() -> None:
 
     if args.only_autofaiss:
         result = json.loads((out / "result.json").read_text())
-        reg = Registry.load(index_url)
+        reg = Registry.load(index)
         queries = src.batch(10**7, args.queries)
         truth_path = out / f"truth_{args.queries}.npy"
         if not truth_path.exists():
-            np.save(truth_path, exact_topk(queries, emb, reg, 100)[1])
+            np.save(truth_path, exact_topk(queries, reg, 100)[1])
         truth = np.load(truth_path)
         budget_mb = int(args.memory_budget_gb * 1024)
         key = "autofaiss" + ("_forced" if args.autofaiss_index_key else "")
         log(f"{key}: max_index_memory_usage={budget_mb}MB index_key={args.autofaiss_index_key or '(its choice)'}")
-        result[key] = run_autofaiss(args.autofaiss, out, emb, reg, f"{budget_mb}MB", queries, truth,
+        result[key] = run_autofaiss(args.autofaiss, out, reg, f"{budget_mb}MB", queries, truth,
                                     [int(x) for x in args.nprobes.split(",")], args.threads,
                                     args.autofaiss_index_key, args.autofaiss_timeout or None)
         result[key]["loadavg_end"] = os.getloadavg()
@@ -257,7 +259,7 @@ def main() -> None:
         return
 
     log(f"generating {args.n:,} vectors of dim {args.dim} as {args.rows_per_shard}-row Parquet shards")
-    result["generate_seconds"] = round(generate(src, emb, args.n, args.rows_per_shard), 1)
+    result["generate_seconds"] = round(generate(src, EmbeddingsFolder(emb), args.n, args.rows_per_shard), 1)
     result["embeddings_bytes"] = sum(p.stat().st_size for p in Path(emb).glob("*.parquet"))
 
     cfg = IndexConfig(embeddings=emb, index=index_url, factory=args.factory, memory_budget_gb=args.memory_budget_gb,
@@ -266,38 +268,40 @@ def main() -> None:
                       threads=args.threads, cpus_per_task=1)
     connect(None, num_cpus=args.threads, object_store_memory=512 * 2**20)
     log("building the index (train -> add -> merge)")
-    rss0 = rss_mb()
-    built = run_build(cfg, use_ray=True, log=log)
-    trained = io.read_json(index_url + "/trained.json")
-    result["factory"] = built["factory"]
-    result["nlist"] = trained["nlist"]
-    result["train_size"] = trained["train_size"]
-    result["timings"] = {**built["timings"], "train_sample": trained["sample_seconds"], "train_fit": trained["train_seconds"]}
+    from pipeline.progress import PlainProgress
+
+    build = run_build(cfg, PlainProgress(interval=60), use_ray=True)
+    built = build.manifest
+    trained = index.read_trained_info()
+    result["factory"] = built.factory
+    result["nlist"] = trained.nlist
+    result["train_size"] = trained.train_size
+    result["timings"] = {**build.timings, "train_sample": trained.sample_seconds, "train_fit": trained.train_seconds}
     result["driver_peak_rss_mb_build"] = round(peak_rss_mb(), 1)
-    ntotal = built["ntotal"]
-    ivf_bytes = sum(s["ivfdata_bytes"] for s in built["shards"])
-    idx_bytes = sum(s["index_bytes"] for s in built["shards"])
+    ntotal = built.ntotal
+    ivf_bytes = sum(s.ivfdata_bytes for s in built.shards)
+    idx_bytes = sum(s.index_bytes for s in built.shards)
     result["index"] = {
-        "ntotal": ntotal, "shards": len(built["shards"]), "code_size": built["code_size"],
+        "ntotal": ntotal, "shards": len(built.shards), "code_size": built.code_size,
         "ivfdata_bytes": ivf_bytes, "index_files_bytes": idx_bytes,
         "disk_bytes_per_vector": round((ivf_bytes + idx_bytes) / ntotal, 2),
         "codes_plus_ids_bytes_per_vector": round(ivf_bytes / ntotal, 2),
-        "parts": sum(len(s["parts"]) for s in built["shards"]),
+        "parts": sum(len(s.parts) for s in built.shards),
     }
     if cfg.write_vectors:
         result["index"]["side_file_bytes"] = sum(p.stat().st_size for p in Path(index_url, "vectors").glob("*.f16"))
 
-    reg = Registry.load(index_url)
+    reg = Registry.load(index)
     queries = src.batch(10**7, args.queries)
     log(f"exact top-100 for {len(queries)} queries by brute force")
     t = time.time()
-    _, truth = exact_topk(queries, emb, reg, 100)
+    _, truth = exact_topk(queries, reg, 100)
     result["brute_force_seconds"] = round(time.time() - t, 1)
     np.save(out / f"truth_{args.queries}.npy", truth)
 
     faiss.omp_set_num_threads(args.threads)
     rss_before = rss_mb()
-    searcher = IndexSearcher(index_url, use_ray=False, threads=args.threads)
+    searcher = IndexSearcher(index, use_ray=False, threads=args.threads)
     rss_loaded = rss_mb()
     sweep = []
     nprobes = [int(x) for x in args.nprobes.split(",")]
@@ -311,7 +315,7 @@ def main() -> None:
         if cfg.write_vectors:
             t = time.time()
             _, cand = searcher.search(queries, args.rerank_candidates, nprobe)
-            _, rr = exact_rerank(queries, cand, SideFileVectors(index_url, args.dim), 10)
+            _, rr = exact_rerank(queries, cand, SideFileVectors(index, args.dim), 10)
             row["rerank_qps"] = round(len(queries) / (time.time() - t), 1)
             row["recall@1_rerank"] = recall(rr, truth, 1)
             row["recall@10_rerank"] = recall(rr, truth, 10)
@@ -323,9 +327,9 @@ def main() -> None:
     searcher.close()
 
     # the same through Ray actors: identical results, and its throughput
-    with IndexSearcher(index_url, use_ray=True, num_actors=min(2, len(built["shards"])), cpus_per_actor=1,
+    with IndexSearcher(index, use_ray=True, num_actors=min(2, len(built.shards)), cpus_per_actor=1,
                        threads=max(1, args.threads // 2)) as rs:
-        local = IndexSearcher(index_url, use_ray=False, threads=args.threads)
+        local = IndexSearcher(index, use_ray=False, threads=args.threads)
         d1, i1 = local.search(queries, 10, 16)
         t = time.time()
         d2, i2 = rs.search(queries, 10, 16)
@@ -335,7 +339,7 @@ def main() -> None:
 
     all_ids = np.concatenate([encode_ids(n, np.arange(0, 10_000, 7)) for n in range(len(reg))])
     all_ids = all_ids[decode_ids(all_ids)[1] < args.rows_per_shard]
-    result["rerank_fetch"] = rerank_cost(index_url, reg, args.dim, all_ids, np.random.default_rng(1), cfg.write_vectors)
+    result["rerank_fetch"] = rerank_cost(index, reg, args.dim, all_ids, np.random.default_rng(1), cfg.write_vectors)
     log(json.dumps(result["rerank_fetch"]))
 
     result["loadavg_after_replica"] = os.getloadavg()
@@ -343,7 +347,7 @@ def main() -> None:
     if args.autofaiss:
         budget_mb = int(args.memory_budget_gb * 1024)
         log(f"autofaiss with max_index_memory_usage={budget_mb}MB")
-        result["autofaiss"] = run_autofaiss(args.autofaiss, out, emb, reg, f"{budget_mb}MB", queries, truth,
+        result["autofaiss"] = run_autofaiss(args.autofaiss, out, reg, f"{budget_mb}MB", queries, truth,
                                             nprobes, args.threads, args.autofaiss_index_key,
                                             args.autofaiss_timeout or None)
         log(json.dumps({k: v for k, v in result["autofaiss"].items() if k != "infos"}))

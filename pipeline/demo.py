@@ -3,7 +3,7 @@
 With no network and no weights it builds a small LAION-like corpus (procedural scenes and tiles
 of the photographs that ship inside installed packages, in WebDataset tars with captions and
 URLs), marks part of it as "the subset", makes "generated" images that copy corpus images
-(every edit of ``pipeline.synthetic.EDITS`` plus objects pasted into new scenes, half from
+(every edit of ``pipeline.synthetic_images.EDITS`` plus objects pasted into new scenes, half from
 inside the subset, half from outside) and novel images that copy nothing, then runs
 embed -> index -> search -> report on a local Ray with the default descriptor and scores the
 run against what it planted.
@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import synthetic
-from pipeline.io import join
+from pipeline import synthetic_images as synthetic
+from pipeline.layout.runs import GALLERY, MATCHES, QUERIES, RunFolder, RunSummary
+from pipeline.progress import NullProgress, Progress
+from pipeline.storage import join
 
 PER_TAR = 250
 NOVEL_SEED = 10_000_000  # far from every corpus seed
@@ -26,12 +28,21 @@ NOVEL_SEED = 10_000_000  # far from every corpus seed
 
 @dataclass
 class DemoConfig:
+    """`replica demo`: the corpus, the planted copies and where everything goes."""
+
+    #: where the demo corpus, index and results go
     workdir: str = "demo-output"
+    #: corpus images
     corpus_size: int = 2000
+    #: planted copies per edit type
     copies_per_edit: int = 8
+    #: planted copies of objects pasted into new scenes
     pasted: int = 12
+    #: generated images that copy nothing
     novel: int = 24
+    #: share of the corpus marked as "the subset"
     subset_share: float = 0.4
+    #: seed of the corpus and the planted copies
     seed: int = 0
 
 
@@ -123,14 +134,13 @@ def plant_queries(cfg: DemoConfig, corpus: dict[str, Any]) -> list[dict[str, Any
     return truth
 
 
-def score_run(run_url: str, truth: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+def score_run(run_url: str, truth: list[dict[str, Any]], summary: RunSummary) -> dict[str, Any]:
     """Recall@1 per edit, subset attribution of the hits, false positives among novel images."""
-    import pyarrow.parquet as pq
-
-    matches = pq.read_table(join(run_url, "matches.parquet")).to_pylist()
-    queries = {q["query_key"]: q for q in pq.read_table(join(run_url, "queries.parquet")).to_pylist()}
+    run = RunFolder(run_url)
+    matches = run.read_table(MATCHES).to_pylist()
+    queries = {q["query_key"]: q for q in run.read_table(QUERIES).to_pylist()}
     top1 = {m["query_key"]: m for m in matches if m["rank"] == 1}
-    calibrated = summary.get("thresholds", {}).get("calibrated")
+    calibrated = summary.thresholds.get("calibrated")
     per_edit: dict[str, list[bool]] = {}
     attribution = []
     for t in truth:
@@ -153,30 +163,31 @@ def score_run(run_url: str, truth: list[dict[str, Any]], summary: dict[str, Any]
     }
 
 
-def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
     from pipeline.config import EmbedConfig, IndexConfig, SearchConfig
     from pipeline.embed import run_embed
     from pipeline.index.build import run_build
     from pipeline.index.factory import default_nlist
-    from pipeline.search import run_dir, run_search
+    from pipeline.search import run_search
 
+    progress = progress or NullProgress()
     work = cfg.workdir
-    log(f"building a corpus of {cfg.corpus_size} images in {work}/corpus ...")
+    progress.log(f"building a corpus of {cfg.corpus_size} images in {work}/corpus ...")
     corpus = build_corpus(cfg)
     truth = plant_queries(cfg, corpus)
-    log(f"planted {sum(t['edit'] != 'novel' for t in truth)} copies and {cfg.novel} novel images in {work}/generated")
+    progress.log(f"planted {sum(t['edit'] != 'novel' for t in truth)} copies and {cfg.novel} novel images in {work}/generated")
 
-    s = run_embed(EmbedConfig(input=[join(work, "corpus", "*.tar")], output=join(work, "embeddings")), progress=progress)
-    log(f"embedded {s.embedded}/{s.images} corpus images ({s.images_per_s:.0f} img/s)")
+    s = run_embed(EmbedConfig(input=[join(work, "corpus", "*.tar")], output=join(work, "embeddings")), progress)
+    progress.log(f"embedded {s.embedded}/{s.images} corpus images ({s.images_per_s:.0f} img/s)")
     # A corpus this small trains OPQ slowly for no gain: plain IVF-PQ, exact rerank restores scores.
     nlist = default_nlist(s.embedded)
     run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"), nprobe=nlist,
-                          factory=f"IVF{nlist},PQ32x8"), log=log)
+                          factory=f"IVF{nlist},PQ32x8"), progress)
 
     search = SearchConfig(queries=join(work, "generated"), index=join(work, "index"), output=join(work, "results"),
                           run_id="demo", subset=join(work, "subset.parquet"), baseline_size=min(500, cfg.corpus_size))
-    summary = run_search(search, progress=progress)
-    scores = score_run(run_dir(search), truth, summary)
-    scores["report"] = join(run_dir(search), "report.html")
+    result = run_search(search, progress)
+    scores = score_run(result.run_url, truth, result.summary)
+    scores["report"] = join(result.run_url, GALLERY)
     (Path(work) / "demo_scores.json").write_text(json.dumps(scores, indent=2))
-    return {"summary": summary, "scores": scores}
+    return {"summary": result.summary, "scores": scores}

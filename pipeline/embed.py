@@ -12,45 +12,42 @@ read task on one truncated tar, hence plain tasks and actors. Memory stays bound
 driver keeps at most ``max_tars_in_flight`` tars in progress, and each task at most
 ``MAX_BATCHES_IN_FLIGHT`` batches waiting on an actor.
 
-A shard is complete when its ``{shard}.stats.json`` exists: it is written last, after the
-Parquet file was published atomically. Reruns skip complete shards and redo the others, so
-every sample ends up in the output exactly once, whatever was killed in between.
+Shards are written by :meth:`pipeline.layout.embeddings.EmbeddingsFolder.write_shard` (Parquet
+published atomically, then the stats file as the completion marker). Reruns skip complete
+shards and redo the others, so every sample ends up in the output exactly once, whatever was
+killed in between. Tars go to whichever embedding actor has the fewest tars in flight
+(:func:`pipeline.ray_util.run_bounded`).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
-from pipeline import schema
 from pipeline.config import EmbedConfig, EmbedderConfig, to_dict
-from pipeline.embedders import build_embedder, build_preprocessor, check_same_identity, validate
+from pipeline.embedders import build_embedder, build_preprocessor, validate
 from pipeline.errors import ConfigError, ReplicaError
-from pipeline.io import Storage, atomic_output, check_writable, exists, expand_inputs, missing_files, filesystem, join, read_json, write_json
+from pipeline.layout import embeddings as emb
+from pipeline.layout.embeddings import EmbeddingsFolder, EmbeddingsInfo, ShardStats
+from pipeline.progress import NullProgress, Progress
+from pipeline.storage import expand_inputs, missing_files
 from pipeline.tars import Sample, TarReadResult, iter_samples, shard_name
 
 MAX_BATCHES_IN_FLIGHT = 2
-MANIFEST = "_replica.json"
 
 
-def stats_url(output: str, shard: str) -> str:
-    return join(output, f"{shard}.stats.json")
-
-
-def parquet_url(output: str, shard: str) -> str:
-    return join(output, f"{shard}.parquet")
-
-
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- plan
 
 
 @dataclass
 class EmbedPlan:
     cfg: EmbedConfig
+    output: EmbeddingsFolder
     tars: list[str]
     shards: list[str]
 
@@ -63,13 +60,13 @@ def plan(cfg: EmbedConfig) -> EmbedPlan:
         raise ConfigError("no output given: pass --output with a folder URL for the embeddings")
     if cfg.batch_size < 1 or cfg.row_group_size < 1:
         raise ConfigError("batch_size and row_group_size must be >= 1")
-    validate(cfg.embedder, cfg.storage)
-    build_preprocessor(cfg.embedder, cfg.storage)  # cheap; catches missing descriptor files early
+    validate(cfg.embedder, cfg.s3)
+    build_preprocessor(cfg.embedder, cfg.s3)  # cheap; catches missing descriptor files early
     try:
-        tars = expand_inputs(cfg.input, cfg.storage)
+        tars = expand_inputs(cfg.input, cfg.s3)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot list input {cfg.input}: {exc}") from exc
-    missing = missing_files(tars, cfg.storage)
+    missing = missing_files(tars, cfg.s3)
     if not tars or missing:
         what = missing[0] if missing else ", ".join(cfg.input)
         raise ConfigError(f"no input tar at {what!r}: check --input (a path, glob or brace list of .tar files)")
@@ -77,35 +74,12 @@ def plan(cfg: EmbedConfig) -> EmbedPlan:
     dupes = sorted({s for s in shards if shards.count(s) > 1})
     if dupes:
         raise ConfigError(f"two input tars share the shard name {dupes[0]!r}; outputs are named by tar basename")
+    output = EmbeddingsFolder(cfg.output, cfg.s3)
     try:
-        check_writable(cfg.output, cfg.storage)
+        output.check_writable()
     except Exception as exc:  # noqa: BLE001 - any failure to write means the same to the user
         raise ConfigError(f"cannot write to output {cfg.output!r}: {type(exc).__name__}: {exc}") from exc
-    return EmbedPlan(cfg=cfg, tars=tars, shards=shards)
-
-
-def check_output_identity(output: str, identity: dict[str, Any], storage: Storage | None) -> None:
-    """Refuse an output folder that holds embeddings made with other parameters."""
-    url = join(output, MANIFEST)
-    if exists(url, storage):
-        check_same_identity(read_json(url, storage)["identity"], identity, f"output {output!r}")
-
-
-def write_manifest(output: str, identity: dict[str, Any], embedder: EmbedderConfig, storage: Storage | None) -> None:
-    """Record what made the vectors; the embedder settings let search rebuild the same embedder."""
-    url = join(output, MANIFEST)
-    if not exists(url, storage):
-        record = {"identity": identity, "embedder_config": to_dict(embedder), "format_version": schema.FORMAT_VERSION}
-        write_json(url, record, storage)
-
-
-def completed_shards(output: str, storage: Storage | None) -> set[str]:
-    """Shards whose stats file (the completion marker) exists: one listing of the folder."""
-    fs, path = filesystem(output, storage)
-    if not fs.exists(path):
-        return set()
-    names = (p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    return {n[: -len(".stats.json")] for n in names if n.endswith(".stats.json")}
+    return EmbedPlan(cfg=cfg, output=output, tars=tars, shards=shards)
 
 
 # --------------------------------------------------------------------------- per-shard work
@@ -114,7 +88,7 @@ def completed_shards(output: str, storage: Storage | None) -> set[str]:
 class EmbedActor:
     """Holds one embedder (model loaded here, never pickled from the driver)."""
 
-    def __init__(self, cfg: EmbedderConfig, storage: Storage | None):
+    def __init__(self, cfg: EmbedderConfig, storage):
         self.embedder = build_embedder(cfg, storage)
 
     def identity(self) -> dict[str, Any]:
@@ -142,24 +116,22 @@ class Row:
     tar_offset: int | None = None
     tar_size: int | None = None
     sha256: str | None = None
-    status: str = schema.STATUS_OK
+    status: str = emb.STATUS_OK
     error: str | None = None
 
 
-def row_for(sample: Sample, preprocess: Callable, tar_url: str) -> tuple[Row, np.ndarray | None]:
+def row_for(sample: Sample, preprocess: Callable) -> tuple[Row, np.ndarray | None]:
     """Metadata row for one sample, and its preprocessed pixels when it decodes."""
-    import hashlib
-
     from PIL import Image
 
     meta = sample.meta()
     row = Row(key=sample.key, url=meta.get("url"), caption=sample.caption())
     found = sample.image()
     if sample.error:
-        row.status, row.error = schema.STATUS_READ_ERROR, sample.error
+        row.status, row.error = emb.STATUS_READ_ERROR, sample.error
         return row, None
     if found is None:
-        row.status, row.error = schema.STATUS_NO_IMAGE, f"no image member ({', '.join(sample.members) or 'empty'})"
+        row.status, row.error = emb.STATUS_NO_IMAGE, f"no image member ({', '.join(sample.members) or 'empty'})"
         return row, None
     _, member = found
     row.tar_offset, row.tar_size = member.offset, member.size
@@ -169,29 +141,33 @@ def row_for(sample: Sample, preprocess: Callable, tar_url: str) -> tuple[Row, np
         row.width, row.height = image.size
         pixels = preprocess(image)
     except Exception as exc:  # noqa: BLE001 - a bad image is data, never a crash
-        row.status, row.error = schema.STATUS_DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]
+        row.status, row.error = emb.STATUS_DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]
         return row, None
     return row, pixels
 
 
-def embed_shard(
-    tar_url: str,
-    output: str,
-    embedder_cfg: EmbedderConfig,
-    identity: dict[str, Any],
-    actor,
-    storage: Storage | None,
-    batch_size: int,
-    row_group_size: int,
-) -> dict[str, Any]:
-    """Embed one tar end to end and publish its Parquet file, then its stats (the marker)."""
+def shard_table(rows: list[Row], vectors: dict[int, np.ndarray], shard: str, tar_url: str, dim: int,
+                identity: dict[str, Any]):
+    for i, r in enumerate(rows):  # an ok row whose batch never came back has no vector
+        if r.status == emb.STATUS_OK and i not in vectors:
+            r.status, r.error = emb.STATUS_EMBED_ERROR, "no vector returned"
+    valid = np.array([r.status == emb.STATUS_OK for r in rows], dtype=bool)
+    stacked = np.stack([vectors[i] for i in range(len(rows)) if valid[i]]) if valid.any() else None
+    columns = {name: [getattr(r, name) for r in rows] for name in
+               ("key", "url", "caption", "width", "height", "tar_offset", "tar_size", "sha256", "status", "error")}
+    columns["tar_url"] = [tar_url] * len(rows)
+    return emb.shard_table(shard, dim, identity, columns, stacked, valid)
+
+
+def embed_shard(tar_url: str, output: EmbeddingsFolder, embedder_cfg: EmbedderConfig, identity: dict[str, Any],
+                actor, batch_size: int, row_group_size: int) -> ShardStats:
+    """Embed one tar end to end; publish its Parquet file, then its stats (the marker)."""
     import ray
 
     started = time.time()
     shard = shard_name(tar_url)
     embedded_by = ray.get(actor.where.remote())
-    preprocess = build_preprocessor(embedder_cfg, storage)
-    dim = identity["dim"]
+    preprocess = build_preprocessor(embedder_cfg, output.storage)
     rows: list[Row] = []
     vectors: dict[int, np.ndarray] = {}
     pending: deque[tuple[list[int], Any]] = deque()
@@ -208,7 +184,7 @@ def embed_shard(
             except ray.exceptions.RayTaskError as exc:  # the model raised on this batch
                 message = str(exc).strip().splitlines()[-1][:500]
                 for i in idx:
-                    rows[i].status, rows[i].error = schema.STATUS_EMBED_ERROR, message
+                    rows[i].status, rows[i].error = emb.STATUS_EMBED_ERROR, message
                 continue
             finally:
                 timings["wait_model"] += time.time() - t
@@ -224,10 +200,10 @@ def embed_shard(
 
     read = TarReadResult()
     t = time.time()
-    for sample in iter_samples(tar_url, storage, read):
+    for sample in iter_samples(tar_url, output.storage, read):
         timings["read"] += time.time() - t
         t = time.time()
-        row, pixels = row_for(sample, preprocess, tar_url)
+        row, pixels = row_for(sample, preprocess)
         timings["decode_preprocess"] += time.time() - t
         rows.append(row)
         if pixels is not None:
@@ -240,57 +216,21 @@ def embed_shard(
     collect(block=True)
 
     t = time.time()
-    table = shard_table(rows, vectors, shard, tar_url, dim, identity)
-    with atomic_output(parquet_url(output, shard), storage) as f:
-        import pyarrow.parquet as pq
+    table = shard_table(rows, vectors, shard, tar_url, identity["dim"], identity)
+    stats = ShardStats(
+        shard=shard, tar_url=tar_url, output=output.parquet_url(shard), seen=len(rows),
+        embedded=sum(1 for r in rows if r.status == emb.STATUS_OK),
+        failed=dict(Counter(r.status for r in rows if r.status != emb.STATUS_OK)),
+        shard_error=read.error, identity=identity, embedded_by=embedded_by,
+    )
 
-        pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
-    timings["write"] += time.time() - t
-    failed = Counter(r.status for r in rows if r.status != schema.STATUS_OK)
-    stats = {
-        "shard": shard,
-        "tar_url": tar_url,
-        "output": parquet_url(output, shard),
-        "seen": len(rows),
-        "embedded": sum(1 for r in rows if r.status == schema.STATUS_OK),
-        "failed": dict(failed),
-        "shard_error": read.error,
-        "seconds": round(time.time() - started, 3),
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "identity": identity,
-        "embedded_by": embedded_by,
-    }
-    write_json(stats_url(output, shard), stats, storage)  # last: marks the shard complete
+    def finish(st: ShardStats) -> None:
+        timings["write"] += time.time() - t
+        st.seconds = round(time.time() - started, 3)
+        st.timings = {k: round(v, 3) for k, v in timings.items()}
+
+    output.write_shard(table, stats, row_group_size, before_marker=finish)
     return stats
-
-
-def shard_table(rows: list[Row], vectors: dict[int, np.ndarray], shard: str, tar_url: str, dim: int, identity: dict):
-    import pyarrow as pa
-
-    for i, r in enumerate(rows):  # an ok row whose batch never came back has no vector
-        if r.status == schema.STATUS_OK and i not in vectors:
-            r.status, r.error = schema.STATUS_EMBED_ERROR, "no vector returned"
-    valid = np.array([r.status == schema.STATUS_OK for r in rows], dtype=bool)
-    stacked = np.stack([vectors[i] for i in range(len(rows)) if valid[i]]) if valid.any() else None
-    cols = {
-        "key": [r.key for r in rows],
-        "shard": [shard] * len(rows),
-        "row": list(range(len(rows))),
-        "url": [r.url for r in rows],
-        "caption": [r.caption for r in rows],
-        "width": [r.width for r in rows],
-        "height": [r.height for r in rows],
-        "tar_url": [tar_url] * len(rows),
-        "tar_offset": [r.tar_offset for r in rows],
-        "tar_size": [r.tar_size for r in rows],
-        "sha256": [r.sha256 for r in rows],
-        "status": [r.status for r in rows],
-        "error": [r.error for r in rows],
-    }
-    sch = schema.embedding_schema(dim)
-    arrays = [pa.array(cols[f.name], type=f.type) for f in sch if f.name != "embedding"]
-    arrays.append(schema.embedding_column(stacked, valid, dim))
-    return pa.Table.from_arrays(arrays, schema=sch.with_metadata(schema.identity_metadata(identity)))
 
 
 # --------------------------------------------------------------------------- driver
@@ -300,36 +240,42 @@ def shard_table(rows: list[Row], vectors: dict[int, np.ndarray], shard: str, tar
 class EmbedSummary:
     shards_total: int
     shards_skipped: int
-    shards_done: int
-    images: int
-    embedded: int
-    failed: dict[str, int]
-    shard_errors: dict[str, str]
-    seconds: float
+    shards_done: int = 0
+    images: int = 0
+    embedded: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    shard_errors: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-def run_embed(cfg: EmbedConfig, progress: bool = True, on_shard_done: Callable[[dict], None] | None = None) -> EmbedSummary:
-    """Validate, connect to Ray, embed every incomplete shard, return the totals."""
-    p = plan(cfg)
-    from pipeline.ray_util import cluster_cpus, cluster_gpus, connect
+def start_actors(ray, cfg: EmbedConfig) -> list:
+    from pipeline.ray_util import cluster_gpus
 
-    ray = connect(cfg.ray.address)
     gpus = cluster_gpus()
-    gpus_per_actor = cfg.ray.gpus_per_actor if cfg.ray.gpus_per_actor >= 0 else (1.0 if gpus else 0.0)
-    num_actors = cfg.ray.num_actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
-    in_flight = cfg.ray.max_tars_in_flight or max(1, int(cluster_cpus()))
-
+    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor >= 0 else (1.0 if gpus else 0.0)
+    num_actors = cfg.num_actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
     actor_cls = ray.remote(EmbedActor).options(
         num_gpus=gpus_per_actor,
-        num_cpus=cfg.ray.cpus_per_actor,
+        num_cpus=cfg.cpus_per_actor,
         max_restarts=3,  # a lost worker is an infrastructure error: restart, bounded
         max_task_retries=3,
     )
-    actors = [actor_cls.remote(cfg.embedder, cfg.storage) for _ in range(num_actors)]
+    return [actor_cls.remote(cfg.embedder, cfg.s3) for _ in range(num_actors)]
+
+
+def run_embed(cfg: EmbedConfig, progress: Progress | None = None,
+              on_shard_done: Callable[[ShardStats], None] | None = None) -> EmbedSummary:
+    """Validate, connect to Ray, embed every incomplete shard, return the totals."""
+    from pipeline.ray_util import RetryPolicy, cluster_cpus, connect, run_bounded
+
+    progress = progress or NullProgress()
+    p = plan(cfg)
+    ray = connect(cfg.ray.address)
+    actors = start_actors(ray, cfg)
     try:
         identity = ray.get(actors[0].identity.remote())
     except ray.exceptions.RayActorError as exc:
@@ -337,75 +283,40 @@ def run_embed(cfg: EmbedConfig, progress: bool = True, on_shard_done: Callable[[
             raise
         last = [line for line in str(exc).strip().splitlines() if line.strip()][-1]
         raise ReplicaError(f"the embedding actor could not load the embedder: {last.strip()}") from None
-    check_output_identity(cfg.output, identity, cfg.storage)
-    write_manifest(cfg.output, identity, cfg.embedder, cfg.storage)
+    p.output.claim(EmbeddingsInfo(identity=identity, embedder_config=to_dict(cfg.embedder)))
 
-    done = completed_shards(cfg.output, cfg.storage)
-    todo = [(t, s) for t, s in zip(p.tars, p.shards) if s not in done]
-    task = ray.remote(embed_shard).options(
-        num_cpus=1,
-        max_retries=3,
-        retry_exceptions=[ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, OSError],
-    )
-    summary = EmbedSummary(len(p.tars), len(p.tars) - len(todo), 0, 0, 0, Counter(), {}, 0.0)
+    done = set(p.output.complete_shards())
+    todo = [t for t, s in zip(p.tars, p.shards) if s not in done]
+    task = ray.remote(embed_shard).options(num_cpus=1)
+    summary = EmbedSummary(len(p.tars), len(p.tars) - len(todo))
+    failed: Counter = Counter()
     started = time.time()
-    with ShardProgress(len(todo), enabled=progress) as bar:
-        queue = deque(todo)
-        running: dict[Any, str] = {}
-        n = 0
-        while queue or running:
-            while queue and len(running) < in_flight:
-                tar_url, shard = queue.popleft()
-                ref = task.remote(tar_url, cfg.output, cfg.embedder, identity, actors[n % len(actors)],
-                                  cfg.storage, cfg.batch_size, cfg.row_group_size)
-                running[ref] = shard
-                n += 1
-            ready, _ = ray.wait(list(running), num_returns=1)
-            shard = running.pop(ready[0])
-            stats = ray.get(ready[0])
+
+    with progress.task("embed", len(todo), "shards") as bar:
+        def record(tar_url: str, stats: ShardStats) -> None:
             summary.shards_done += 1
-            summary.images += stats["seen"]
-            summary.embedded += stats["embedded"]
-            summary.failed.update(stats["failed"])
-            if stats["shard_error"]:
-                summary.shard_errors[shard] = stats["shard_error"]
+            summary.images += stats.seen
+            summary.embedded += stats.embedded
+            failed.update(stats.failed)
+            if stats.shard_error:
+                summary.shard_errors[stats.shard] = stats.shard_error
             summary.seconds = time.time() - started
-            bar.advance(summary)
+            bar.advance(note=f"{summary.images_per_s:,.0f} img/s, {sum(failed.values())} failed")
             if on_shard_done:
                 on_shard_done(stats)
+
+        run_bounded(
+            todo,
+            lambda tar_url, actor: task.remote(tar_url, p.output, cfg.embedder, identity, actor, cfg.batch_size,
+                                               cfg.row_group_size),
+            record,
+            window=lambda: cfg.max_tars_in_flight or max(1, int(cluster_cpus())),
+            actors=actors,
+            retry=RetryPolicy(max_attempts=4, retry_on=(ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                                                        ray.exceptions.ObjectLostError, OSError)),
+        )
     summary.seconds = time.time() - started
-    summary.failed = dict(summary.failed)
+    summary.failed = dict(failed)
     for a in actors:
         ray.kill(a)
     return summary
-
-
-class ShardProgress:
-    """Shards done/total, images/s, failures and ETA on one rich progress line."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        self.total, self.enabled = total, enabled
-        self.progress = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("embed"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
-                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[failures]}"),
-                TextColumn("ETA"), TimeRemainingColumn(),
-            )
-            self.progress.__enter__()
-            self.task = self.progress.add_task("embed", total=self.total, rate="", failures="")
-        return self
-
-    def advance(self, s: EmbedSummary) -> None:
-        if self.progress is not None:
-            failures = sum(s.failed.values())
-            self.progress.update(self.task, advance=1, rate=f"{s.images_per_s:,.0f} img/s",
-                                 failures=f"{failures} failed")
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)

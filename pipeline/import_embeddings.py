@@ -8,8 +8,8 @@ Input (as published for LAION-5B, and as clip-retrieval writes it)::
 The release joins the two by row position; this is the one place replica does so. Each
 output row carries its key, URL, caption and vector together, so nothing downstream relies
 on positions. A file of ~1M rows becomes several shards of ``rows_per_shard`` rows, named
-``{prefix}{i:06d}_{chunk:04d}``; each is written whole (Parquet first, stats file last, the
-embed stage's completion marker), and a rerun skips shards whose stats file exists.
+``{prefix}{i:06d}_{chunk:04d}``; each is written by the embed stage's shard writer (Parquet first, stats file last as the
+completion marker), and a rerun skips complete shards.
 Vectors are read by byte range from the .npy, so memory stays at one shard.
 """
 from __future__ import annotations
@@ -17,25 +17,26 @@ from __future__ import annotations
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import io
 from pipeline.config import ImportConfig
 from pipeline.errors import ConfigError, MismatchError
-from pipeline.schema import FORMAT_VERSION, STATUS_EMBED_ERROR, STATUS_OK, embedding_column, embedding_schema, identity_metadata
+from pipeline.layout import embeddings as emb
+from pipeline.layout.embeddings import EmbeddingsFolder, EmbeddingsInfo, ShardStats
+from pipeline.progress import NullProgress, Progress
+from pipeline.storage import Folder, read_range
 
-Progress = Callable[[str, int, int], None]
 _NPY = re.compile(r"img_emb_(\d+)\.npy$")
 
 
-def npy_header(url: str, storage: io.Storage | None = None) -> tuple[tuple[int, ...], np.dtype, int]:
+def npy_header(folder: Folder, rel: str) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, byte offset of the data) of a .npy file, reading only its header."""
-    fs, path = io.filesystem(url, storage)
-    with fs.open(path, "rb") as f:
+    with folder.open(rel) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -43,35 +44,35 @@ def npy_header(url: str, storage: io.Storage | None = None) -> tuple[tuple[int, 
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         offset = f.tell()
     if fortran or len(shape) != 2:
-        raise ConfigError(f"{url}: expected a C-ordered 2-D array, got shape {shape} (fortran={fortran})")
+        raise ConfigError(f"{folder.child(rel)}: expected a C-ordered 2-D array, got shape {shape} (fortran={fortran})")
     return tuple(shape), np.dtype(dtype), offset
 
 
-def find_inputs(cfg: ImportConfig) -> list[tuple[int, str, str]]:
-    """[(i, npy url, metadata url)] in numeric order; every .npy needs its metadata file."""
-    fs, path = io.filesystem(cfg.input, cfg.storage)
-    emb_dir = path.rstrip("/") + "/img_emb"
-    if not fs.exists(emb_dir):
-        raise ConfigError(f"{cfg.input!r} has no img_emb/ folder (expected img_emb/img_emb_{{i}}.npy)")
-    found = []
-    for p in fs.glob(emb_dir + "/img_emb_*.npy"):
-        m = _NPY.search(p)
-        if m:
-            i = int(m.group(1))
-            meta = io.join(cfg.input, "metadata", f"metadata_{i}.parquet")
-            if not io.exists(meta, cfg.storage):
-                raise ConfigError(f"{p} has no metadata file {meta!r}")
-            found.append((i, io.unstrip(fs, p), meta))
-    if not found:
-        raise ConfigError(f"{cfg.input!r}/img_emb holds no img_emb_{{i}}.npy files")
-    return sorted(found)
+@dataclass
+class ReleaseFile:
+    """One release file pair: img_emb/img_emb_{i}.npy and metadata/metadata_{i}.parquet."""
+
+    number: int
+    npy: str
+    metadata: str
+    rows: int = 0
+    dim: int = 0
+    dtype: Any = None
+    offset: int = 0
 
 
-def identity_of(cfg: ImportConfig, dim: int) -> dict[str, Any]:
-    return {"embedder": cfg.embedder, "model": cfg.model, "weights": cfg.weights, "dim": dim, "preprocess": cfg.preprocess}
+@dataclass
+class ImportPlan:
+    cfg: ImportConfig
+    release: Folder
+    output: EmbeddingsFolder
+    files: list[ReleaseFile]
+    dim: int
+    identity: dict[str, Any]
 
 
-def validate(cfg: ImportConfig) -> None:
+def plan(cfg: ImportConfig) -> ImportPlan:
+    """Check the settings and the release's files before any work."""
     if not cfg.input or not cfg.output:
         raise ConfigError("import-embeddings needs input (the release folder) and output (an embeddings folder)")
     if not cfg.embedder or not cfg.model:
@@ -83,6 +84,38 @@ def validate(cfg: ImportConfig) -> None:
         raise ConfigError("rows_per_shard must be between 1 and 16777216 (rows of one shard fit the id's row bits)")
     if cfg.row_group_size < 1:
         raise ConfigError("row_group_size must be >= 1")
+    release = Folder(cfg.input, cfg.s3)
+    if not release.exists("img_emb"):
+        raise ConfigError(f"{cfg.input!r} has no img_emb/ folder (expected img_emb/img_emb_{{i}}.npy)")
+    files = []
+    for name in release.names("img_emb/img_emb_*.npy"):
+        m = _NPY.search(name)
+        if m:
+            i = int(m.group(1))
+            meta = f"metadata/metadata_{i}.parquet"
+            if not release.exists(meta):
+                raise ConfigError(f"{release.child(name)} has no metadata file {release.child(meta)!r}")
+            files.append(ReleaseFile(i, name, meta))
+    if not files:
+        raise ConfigError(f"{cfg.input!r}/img_emb holds no img_emb_{{i}}.npy files")
+    files.sort(key=lambda f: f.number)
+    for f in files:
+        shape, f.dtype, f.offset = npy_header(release, f.npy)
+        f.rows, f.dim = shape
+        with release.open(f.metadata) as fh:
+            n_meta = pq.ParquetFile(fh).metadata.num_rows
+        if n_meta != f.rows:
+            raise MismatchError(f"{release.child(f.npy)} has {f.rows} rows but {release.child(f.metadata)} has "
+                                f"{n_meta}: they must match row for row")
+    dims = {f.dim for f in files}
+    if len(dims) != 1:
+        raise MismatchError(f"the .npy files have different dims {sorted(dims)}")
+    dim = dims.pop()
+    if cfg.dim and cfg.dim != dim:
+        raise MismatchError(f"the released vectors have dim {dim}, not the {cfg.dim} given")
+    identity = {"embedder": cfg.embedder, "model": cfg.model, "weights": cfg.weights, "dim": dim,
+                "preprocess": cfg.preprocess}
+    return ImportPlan(cfg, release, EmbeddingsFolder(cfg.output, cfg.s3), files, dim, identity)
 
 
 def _column(meta: pa.Table, name: str, a: int, b: int, typ: pa.DataType) -> pa.Array:
@@ -92,111 +125,58 @@ def _column(meta: pa.Table, name: str, a: int, b: int, typ: pa.DataType) -> pa.A
     return pa.nulls(b - a, typ)
 
 
-def write_shard(cfg: ImportConfig, name: str, npy: str, offset: int, dim: int, dtype: np.dtype,
-                meta: pa.Table, a: int, b: int, identity: dict[str, Any]) -> dict[str, Any]:
-    itemsize = dtype.itemsize
-    raw = io.read_range(npy, offset + a * dim * itemsize, (b - a) * dim * itemsize, cfg.storage)
-    vecs = np.frombuffer(raw, dtype=dtype).reshape(b - a, dim)
+def import_shard(p: ImportPlan, name: str, f: ReleaseFile, meta: pa.Table, a: int, b: int) -> ShardStats:
+    """Rows a..b of one release file -> one embedding shard."""
+    cfg, dim = p.cfg, p.dim
+    itemsize = f.dtype.itemsize
+    raw = read_range(p.release.child(f.npy), f.offset + a * dim * itemsize, (b - a) * dim * itemsize, cfg.s3)
+    vecs = np.frombuffer(raw, dtype=f.dtype).reshape(b - a, dim)
     valid = np.isfinite(vecs).all(axis=1)
     n = b - a
-    key = _column(meta, cfg.key_column, a, b, pa.string())
-    if key.null_count:
-        fallback = pa.array([f"{name}-{r:07d}" for r in range(n)])
-        key = pa.array([k if k is not None else f for k, f in zip(key.to_pylist(), fallback.to_pylist())], pa.string())
-    schema = embedding_schema(dim).with_metadata(identity_metadata(identity))
-    table = pa.table(
-        {
-            "key": key,
-            "shard": pa.array([name] * n, pa.string()),
-            "row": pa.array(np.arange(n, dtype=np.int32)),
-            "url": _column(meta, cfg.url_column, a, b, pa.string()),
-            "caption": _column(meta, cfg.caption_column, a, b, pa.string()),
-            "width": _column(meta, "width", a, b, pa.int32()),
-            "height": _column(meta, "height", a, b, pa.int32()),
-            "tar_url": pa.nulls(n, pa.string()),
-            "tar_offset": pa.nulls(n, pa.int64()),
-            "tar_size": pa.nulls(n, pa.int64()),
-            "sha256": _column(meta, "sha256", a, b, pa.string()),
-            "status": pa.array(np.where(valid, STATUS_OK, STATUS_EMBED_ERROR), pa.string()),
-            "error": pa.array([None if v else "non-finite value in released vector" for v in valid], pa.string()),
-            "embedding": embedding_column(vecs[valid] if valid.any() else None, valid, dim),
-        },
-        schema=schema,
-    )
-    out = io.join(cfg.output, f"{name}.parquet")
-    with io.atomic_output(out, cfg.storage) as f:
-        pq.write_table(table, f, row_group_size=cfg.row_group_size)
-    stats = {  # the embed stage's stats fields, plus where the rows came from
-        "shard": name,
-        "tar_url": None,
-        "output": out,
-        "seen": n,
-        "embedded": int(valid.sum()),
-        "failed": {STATUS_EMBED_ERROR: int((~valid).sum())} if (~valid).any() else {},
-        "shard_error": None,
-        "source": {"npy": npy, "rows": [a, b]},
-        "identity": identity,
-        "imported": True,
+    key = _column(meta, cfg.key_column, a, b, pa.string()).to_pylist()
+    columns = {
+        "key": [k if k is not None else f"{name}-{r:07d}" for r, k in enumerate(key)],
+        "url": _column(meta, cfg.url_column, a, b, pa.string()),
+        "caption": _column(meta, cfg.caption_column, a, b, pa.string()),
+        "width": _column(meta, "width", a, b, pa.int32()),
+        "height": _column(meta, "height", a, b, pa.int32()),
+        "sha256": _column(meta, "sha256", a, b, pa.string()),
+        "status": np.where(valid, emb.STATUS_OK, emb.STATUS_EMBED_ERROR).tolist(),
+        "error": [None if v else "non-finite value in released vector" for v in valid],
     }
-    io.write_json(io.join(cfg.output, f"{name}.stats.json"), stats, cfg.storage)  # completion marker, last
+    table = emb.shard_table(name, dim, p.identity, columns, vecs[valid] if valid.any() else None, valid)
+    stats = ShardStats(shard=name, output=p.output.parquet_url(name), seen=n, embedded=int(valid.sum()),
+                       failed={emb.STATUS_EMBED_ERROR: int((~valid).sum())} if (~valid).any() else {},
+                       source={"npy": p.release.child(f.npy), "rows": [a, b]}, identity=p.identity, imported=True)
+    p.output.write_shard(table, stats, cfg.row_group_size)
     return stats
 
 
-def run_import(cfg: ImportConfig, log: Callable[[str], None] = print, on_progress: Progress | None = None,
-               threads: int = 4) -> dict[str, Any]:
-    validate(cfg)
-    inputs = find_inputs(cfg)
-    headers = [npy_header(npy, cfg.storage) for _, npy, _ in inputs]
-    dims = {h[0][1] for h in headers}
-    if len(dims) != 1:
-        raise MismatchError(f"the .npy files have different dims {sorted(dims)}")
-    dim = dims.pop()
-    if cfg.dim and cfg.dim != dim:
-        raise MismatchError(f"the released vectors have dim {dim}, not the {cfg.dim} given")
-    identity = identity_of(cfg, dim)
-    info_url = io.join(cfg.output, "_replica.json")
-    if io.exists(info_url, cfg.storage):
-        from pipeline.embedders import check_same_identity
-
-        check_same_identity(io.read_json(info_url, cfg.storage)["identity"], identity, cfg.output)
-    else:
-        io.write_json(info_url, {"identity": identity, "format_version": FORMAT_VERSION}, cfg.storage)
-    jobs = []
-    for (i, npy, meta_url), (shape, dtype, offset) in zip(inputs, headers):
-        fs, mpath = io.filesystem(meta_url, cfg.storage)
-        with fs.open(mpath, "rb") as f:
-            n_meta = pq.ParquetFile(f).metadata.num_rows
-        if n_meta != shape[0]:
-            raise MismatchError(f"{npy} has {shape[0]} rows but {meta_url} has {n_meta}: they must match row for row")
-        for j, a in enumerate(range(0, shape[0], cfg.rows_per_shard)):
-            jobs.append((f"{cfg.prefix}{i:06d}_{j:04d}", i, npy, meta_url, offset, dtype, a, min(shape[0], a + cfg.rows_per_shard)))
-    todo = [jb for jb in jobs if not io.exists(io.join(cfg.output, f"{jb[0]}.stats.json"), cfg.storage)]
-    log(f"{len(inputs)} release file(s), {sum(h[0][0] for h in headers):,} vectors of dim {dim} -> "
-        f"{len(jobs)} shard(s), {len(jobs) - len(todo)} already done")
+def run_import(cfg: ImportConfig, progress: Progress | None = None, threads: int = 4) -> dict[str, Any]:
+    progress = progress or NullProgress()
+    p = plan(cfg)
+    p.output.claim(EmbeddingsInfo(identity=p.identity))
+    jobs = [(f"{cfg.prefix}{f.number:06d}_{j:04d}", f, a, min(f.rows, a + cfg.rows_per_shard))
+            for f in p.files for j, a in enumerate(range(0, f.rows, cfg.rows_per_shard))]
+    complete = set(p.output.complete_shards())
+    todo = [jb for jb in jobs if jb[0] not in complete]
+    progress.log(f"{len(p.files)} release file(s), {sum(f.rows for f in p.files):,} vectors of dim {p.dim} -> "
+                 f"{len(jobs)} shard(s), {len(jobs) - len(todo)} already done")
     t0 = time.time()
-    meta_cache: dict[str, pa.Table] = {}
-    done = 0
     rows = 0
-    for i, npy, meta_url in inputs:  # one release file at a time: its metadata is read once
-        mine = [jb for jb in todo if jb[1] == i]
-        if not mine:
-            continue
-        fs, mpath = io.filesystem(meta_url, cfg.storage)
-        with fs.open(mpath, "rb") as f:
-            pf = pq.ParquetFile(f)
-            cols = [c for c in (cfg.key_column, cfg.url_column, cfg.caption_column, "width", "height", "sha256")
-                    if c and c in pf.schema_arrow.names]
-            meta_cache[meta_url] = pf.read(columns=cols)
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            futs = [pool.submit(write_shard, cfg, jb[0], npy, jb[4], dim, jb[5], meta_cache[meta_url], jb[6], jb[7], identity)
-                    for jb in mine]
-            for fut in futs:
-                rows += fut.result()["seen"]
-                done += 1
-                if on_progress:
-                    on_progress("import", done, len(todo))
-        meta_cache.pop(meta_url)
-    summary = {"shards": len(jobs), "written": len(todo), "rows_written": rows, "dim": dim,
-               "identity": identity, "seconds": round(time.time() - t0, 3)}
-    log(f"imported {rows:,} rows into {len(todo)} shard(s) in {summary['seconds']} s")
-    return summary
+    with progress.task("import", len(todo), "shards") as bar:
+        for f in p.files:  # one release file at a time: its metadata is read once
+            mine = [jb for jb in todo if jb[1] is f]
+            if not mine:
+                continue
+            with p.release.open(f.metadata) as fh:
+                pf = pq.ParquetFile(fh)
+                cols = [c for c in (cfg.key_column, cfg.url_column, cfg.caption_column, "width", "height", "sha256")
+                        if c and c in pf.schema_arrow.names]
+                meta = pf.read(columns=cols)
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                for stats in pool.map(lambda jb: import_shard(p, jb[0], f, meta, jb[2], jb[3]), mine):
+                    rows += stats.seen
+                    bar.advance()
+    return {"shards": len(jobs), "written": len(todo), "rows_written": rows, "dim": p.dim,
+            "identity": p.identity, "seconds": round(time.time() - t0, 3)}

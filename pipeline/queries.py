@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from pipeline.errors import ConfigError
-from pipeline.io import Storage, expand_inputs, filesystem, read_bytes, unstrip
+from pipeline.storage import Storage, expand_inputs, filesystem, read_bytes, unstrip
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 

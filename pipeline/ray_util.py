@@ -1,7 +1,20 @@
-"""Connecting to Ray: a cluster address when given, else a local Ray on this machine."""
+"""Ray: connecting, and the one bounded work loop every stage drives its tasks and actors with.
+
+:func:`run_bounded` keeps at most ``window`` items in flight (so memory stays bounded whatever
+the number of items), hands each item to whichever actor of a pool has the fewest items in
+flight (a slow or restarting actor never holds up a fixed share), retries an item whose
+attempt failed with a retryable error, and reports every result through ``on_result`` as it
+arrives (or in item order with ``ordered=True``).
+"""
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+Item = TypeVar("Item")
 
 
 def connect(address: str | None = None, **local_kwargs):
@@ -33,3 +46,141 @@ def cluster_cpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1))
+
+
+@dataclass
+class RetryPolicy:
+    """Which failed attempts of an item are tried again, how often, and how long to wait between."""
+
+    #: attempts in all (1 = no retry)
+    max_attempts: int = 1
+    #: exception types worth another attempt (a lost worker, a transient storage error)
+    retry_on: tuple[type[BaseException], ...] = ()
+    #: first wait; doubles with every attempt, capped at ``max_backoff_s``
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def wait_before(self, attempt: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2 ** max(0, attempt - 2))
+
+
+@dataclass
+class _Slot(Generic[Item]):
+    index: int
+    item: Item
+    attempt: int
+    actor: int | None
+
+
+@dataclass
+class LoopStats:
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    failures: list[tuple[Any, BaseException]] = field(default_factory=list)
+
+
+def run_bounded(
+    items: Sequence[Item],
+    submit: Callable[[Item, Any], Any],
+    on_result: Callable[[Item, Any], None],
+    *,
+    window: int | Callable[[], int],
+    actors: Sequence[Any] | None = None,
+    ordered: bool = False,
+    retry: RetryPolicy | None = None,
+    on_failure: Callable[[Item, BaseException], None] | None = None,
+    poll_s: float = 1.0,
+) -> LoopStats:
+    """Run ``submit(item, actor)`` (which returns an ObjectRef) for every item, at most ``window`` at once.
+
+    * ``window`` may be a callable: it is asked again whenever a slot frees, so the window
+      follows a cluster that grows or shrinks.
+    * With ``actors``, each item goes to the actor with the fewest items in flight (``actor``
+      is None without a pool).
+    * A failed attempt whose exception is one of ``retry.retry_on`` is submitted again, after
+      a backoff, up to ``retry.max_attempts``; other failures, and retryable ones that ran out
+      of attempts, go to ``on_failure(item, exc)`` when given (the loop goes on) or are raised.
+    * ``on_result(item, result)`` runs in the driver as results arrive, or in item order when
+      ``ordered``; an exception it raises stops the loop.
+    """
+    import heapq
+
+    import ray
+
+    retry = retry or RetryPolicy()
+    stats = LoopStats()
+    fresh = deque(_Slot(i, it, 1, None) for i, it in enumerate(items))
+    retries: list[tuple[float, int, _Slot]] = []  # heap by the time the retry may start
+    running: dict[Any, _Slot] = {}
+    load = [0] * len(actors or [])
+    buffered: dict[int, tuple[Item, Any] | None] = {}
+    next_index = 0
+
+    def limit() -> int:
+        return max(1, int(window() if callable(window) else window))
+
+    def release(index: int, entry: tuple[Item, Any] | None) -> None:
+        """Hand results on; in ordered mode, as soon as every earlier item is settled."""
+        nonlocal next_index
+        if not ordered:
+            if entry is not None:
+                on_result(*entry)
+            return
+        buffered[index] = entry
+        while next_index in buffered:
+            settled = buffered.pop(next_index)
+            next_index += 1
+            if settled is not None:
+                on_result(*settled)
+
+    def next_slot() -> _Slot | None:
+        if retries and retries[0][0] <= time.time():
+            return heapq.heappop(retries)[2]
+        return fresh.popleft() if fresh else None
+
+    while fresh or retries or running:
+        while len(running) < limit():
+            slot = next_slot()
+            if slot is None:
+                break
+            actor = None
+            if actors:
+                slot.actor = min(range(len(actors)), key=lambda a: (load[a], a))
+                load[slot.actor] += 1
+                actor = actors[slot.actor]
+            running[submit(slot.item, actor)] = slot
+        if not running:
+            time.sleep(max(0.0, retries[0][0] - time.time()))
+            continue
+        done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
+        for ref in done:
+            slot = running.pop(ref)
+            if slot.actor is not None:
+                load[slot.actor] -= 1
+            try:
+                result = ray.get(ref)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001 - sorted into retry / failure below
+                if isinstance(exc, retry.retry_on) and slot.attempt < retry.max_attempts:
+                    stats.retried += 1
+                    again = _Slot(slot.index, slot.item, slot.attempt + 1, None)
+                    heapq.heappush(retries, (time.time() + retry.wait_before(again.attempt), slot.index, again))
+                    continue
+                stats.failed += 1
+                stats.failures.append((slot.item, exc))
+                if on_failure is None:
+                    raise
+                on_failure(slot.item, exc)
+                release(slot.index, None)
+                continue
+            stats.done += 1
+            release(slot.index, (slot.item, result))
+    return stats
+
+
+def task_error_message(exc: BaseException) -> str:
+    """The last meaningful line of a (Ray-wrapped) exception: what to show a user."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:500]

@@ -11,8 +11,8 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
-from pipeline import synthetic
-from pipeline.io import Storage, atomic_output, join
+from pipeline import synthetic_images as synthetic
+from pipeline.storage import Storage, atomic_output, join
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:

@@ -12,7 +12,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from pipeline.io import Storage, filesystem
+from pipeline.storage import Storage, filesystem
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.(.+)$")

@@ -365,6 +365,6 @@ def decode(data: bytes) -> Image.Image:
 
 def load_candidate(tar_url: str, tar_offset: int, tar_size: int, storage=None) -> Image.Image:
     """A corpus image, fetched with one ranged read from its tar (embedding-row columns)."""
-    from pipeline.io import read_range
+    from pipeline.storage import read_range
 
     return decode(read_range(tar_url, int(tar_offset), int(tar_size), storage))

@@ -12,6 +12,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 S3_KEY, S3_SECRET, S3_REGION = "testing", "testing", "us-east-1"
+# Credentials come from the environment (never from replica's config); set before Ray starts so
+# its workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", S3_KEY)
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", S3_SECRET)
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +40,12 @@ def s3_server():
     """A real S3 API (moto's server) on 127.0.0.1 with a fresh bucket; yields a Storage."""
     from moto.server import ThreadedMotoServer
 
-    from pipeline.io import Storage
+    from pipeline.storage import Storage
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    storage = Storage(endpoint_url=f"http://{host}:{port}", region=S3_REGION, key=S3_KEY, secret=S3_SECRET)
+    storage = Storage(endpoint_url=f"http://{host}:{port}", region=S3_REGION)
     import boto3
 
     boto3.client(

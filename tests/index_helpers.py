@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import IndexConfig
-from pipeline.index.registry import encode_ids
-from pipeline.index.synthetic import MixtureSource, write_folder
+from pipeline.index.registry import Registry, encode_ids
+from pipeline.layout.embeddings import EmbeddingsFolder
+from pipeline.layout.index import IndexFolder
+from pipeline.testing.vectors import MixtureSource, write_folder
 
 DIM = 32
 
@@ -22,7 +24,8 @@ class Corpus:
 
     def add(self, shards: int, rows: int, storage=None, bad_every: int = 0) -> None:
         first = len(self.names)
-        for name, x, bad in write_folder(self.folder, self.source, shards, rows, storage, first=first, bad_every=bad_every):
+        folder = EmbeddingsFolder(self.folder, storage)
+        for name, x, bad in write_folder(folder, self.source, shards, rows, first=first, bad_every=bad_every):
             self.names.append(name)
             self.vectors.append(x)
             self.bad.append(bad)
@@ -55,3 +58,11 @@ def config(embeddings: str, index: str, **over) -> IndexConfig:
                 shard_memory_gb=0.00006, merge_fanin=2, nprobe=8, threads=1)
     base.update(over)
     return IndexConfig(**base)
+
+
+def index_of(cfg: IndexConfig) -> IndexFolder:
+    return IndexFolder(cfg.index, cfg.s3)
+
+
+def registry_of(cfg: IndexConfig) -> Registry:
+    return Registry.load(index_of(cfg))

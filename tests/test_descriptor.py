@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import synthetic
+from pipeline import synthetic_images as synthetic
 from pipeline.config import EmbedderConfig
 from pipeline.embedders import build_embedder
 from pipeline.embedders.default import (
@@ -115,7 +115,7 @@ def test_same_vector_in_another_process(emb, tmp_path):
     here = emb.embed_images(images)
     script = (
         "import sys, numpy as np\n"
-        "from pipeline import synthetic\n"
+        "from pipeline import synthetic_images as synthetic\n"
         "from pipeline.embedders.default import DefaultDescriptor\n"
         "v = DefaultDescriptor().embed_images([synthetic.scene(5), synthetic.scene(6, (200, 500))])\n"
         f"np.save({str(tmp_path / 'v.npy')!r}, v)\n"

@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import schema, synthetic
-from pipeline.config import EmbedConfig, EmbedderConfig, RayConfig
+from pipeline import synthetic_images as synthetic
+from pipeline.layout import embeddings as schema
+from pipeline.config import EmbedConfig, EmbedderConfig
 from pipeline.embed import run_embed
-from pipeline.io import read_range
+from pipeline.storage import read_range
 from pipeline.sample import jpeg_bytes, laion_sample, make_sample_tars, write_tar
 
 REPLICA = [sys.executable, "-m", "pipeline.cli"]
@@ -41,7 +42,7 @@ def cfg_for(inp, out, **kw) -> EmbedConfig:
 
 def test_schema_and_exact_row_counts(tmp_path, ray_local):
     make_sample_tars(str(tmp_path / "tars"), tars=3, per_tar=25)
-    s = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"), progress=False)
+    s = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"))
     assert (s.shards_done, s.images, s.embedded, s.failed) == (3, 75, 75, {})
 
     for shard in ("00000", "00001", "00002"):
@@ -68,14 +69,14 @@ def test_schema_and_exact_row_counts(tmp_path, ray_local):
 
     # A rerun skips every complete shard and changes nothing.
     before = (tmp_path / "emb" / "00000.parquet").stat().st_mtime_ns
-    again = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"), progress=False)
+    again = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"))
     assert (again.shards_skipped, again.shards_done) == (3, 0)
     assert (tmp_path / "emb" / "00000.parquet").stat().st_mtime_ns == before
 
 
 def test_ranged_reads_return_the_original_image_bytes(tmp_path, ray_local):
     make_sample_tars(str(tmp_path / "tars"), tars=1, per_tar=12)
-    run_embed(cfg_for(tmp_path / "tars" / "00000.tar", tmp_path / "emb"), progress=False)
+    run_embed(cfg_for(tmp_path / "tars" / "00000.tar", tmp_path / "emb"))
     t = pq.read_table(tmp_path / "emb" / "00000.parquet")
     with tarfile.open(tmp_path / "tars" / "00000.tar") as tf:
         originals = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
@@ -105,7 +106,7 @@ def test_bad_samples_become_rows_not_crashes(tmp_path, ray_local):
         fourth = [m for m in tf.getmembers() if m.name == "c3.jpg"][0]
     (tmp_path / "tars" / "cut.tar").write_bytes(raw[: fourth.offset_data + fourth.size // 2])
 
-    s = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"), progress=False)
+    s = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"))
     assert s.shards_done == 2 and "cut" in s.shard_errors
 
     bad = pq.read_table(tmp_path / "emb" / "bad.parquet").to_pylist()
@@ -132,11 +133,11 @@ def test_killed_actor_is_restarted_and_every_key_lands_once(tmp_path, ray_local)
 
     def kill_actor_once(stats):
         if not killed:
-            os.kill(stats["embedded_by"]["pid"], signal.SIGKILL)
-            killed.append(stats["embedded_by"]["pid"])
+            os.kill(stats.embedded_by["pid"], signal.SIGKILL)
+            killed.append(stats.embedded_by["pid"])
 
-    cfg = cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", ray=RayConfig(max_tars_in_flight=1))
-    s = run_embed(cfg, progress=False, on_shard_done=kill_actor_once)
+    cfg = cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", max_tars_in_flight=1)
+    s = run_embed(cfg, on_shard_done=kill_actor_once)
     assert killed and s.shards_done == 6 and s.embedded == 180
     t = read_output(tmp_path / "emb")
     keys = t.column("key").to_pylist()
@@ -176,16 +177,15 @@ def test_killed_driver_then_rerun_gives_every_key_exactly_once(tmp_path):
 def test_local_and_s3_runs_give_identical_parquet(tmp_path, ray_local, s3_server):
     make_sample_tars(str(tmp_path / "tars"), tars=2, per_tar=15)
     make_sample_tars("s3://replica-test/tars", tars=2, per_tar=15, storage=s3_server)
-    run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"), progress=False)
+    run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"))
     s3_cfg = EmbedConfig(input=["s3://replica-test/tars/{00000..00001}.tar"], output="s3://replica-test/emb",
-                         batch_size=16, storage=s3_server)
-    s = run_embed(s3_cfg, progress=False)
+                         batch_size=16, s3=s3_server)
+    s = run_embed(s3_cfg)
     assert s.embedded == 30
 
     import s3fs
 
-    fs = s3fs.S3FileSystem(key=s3_server.key, secret=s3_server.secret,
-                           client_kwargs={"endpoint_url": s3_server.endpoint_url, "region_name": s3_server.region})
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint_url, "region_name": s3_server.region})
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("replica-test/emb")) == [
         "00000.parquet", "00000.stats.json", "00001.parquet", "00001.stats.json", "_replica.json"]
     for shard in ("00000", "00001"):
@@ -242,7 +242,7 @@ def test_open_clip_from_a_local_checkpoint(tmp_path, ray_local):
     np.testing.assert_allclose(emb.embed(pixels), want, atol=1e-5)  # the saved weights, not a fresh init
 
     make_sample_tars(str(tmp_path / "tars"), tars=2, per_tar=10)
-    s = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", embedder=ecfg), progress=False)
+    s = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", embedder=ecfg))
     assert s.embedded == 20
     t = read_output(tmp_path / "emb")
     np.testing.assert_allclose(schema.vectors_of(t.slice(0, 1)), emb.embed(pixels[:1]), atol=2e-3)
@@ -273,7 +273,7 @@ def test_sscd_torchscript_path(tmp_path, ray_local):
     assert build_embedder(EmbedderConfig(name="sscd", checkpoint=str(path))).image_size == 288  # SSCD's default
 
     make_sample_tars(str(tmp_path / "tars"), tars=1, per_tar=8)
-    s = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", embedder=ecfg), progress=False)
+    s = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", embedder=ecfg))
     assert s.embedded == 8
 
 
@@ -282,7 +282,7 @@ def test_mixing_embedders_in_one_output_is_refused(tmp_path, ray_local):
 
     make_sample_tars(str(tmp_path / "tars"), tars=1, per_tar=4)
     cfg_path, ckpt, _ = tiny_open_clip(tmp_path)
-    run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"), progress=False)
+    run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb"))
     other = EmbedderConfig(name="open_clip", model="replica-tiny-vit", checkpoint=str(ckpt), model_config=str(cfg_path))
     with pytest.raises(MismatchError, match="other parameters"):
-        run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", embedder=other), progress=False)
+        run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", embedder=other))

@@ -4,17 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import io
 from pipeline.index.build import run_build
-from pipeline.index.manifest import read_manifest
-from pipeline.index.registry import Registry, fetch_rows
+from pipeline.index.registry import fetch_rows
 from pipeline.index.rerank import ParquetVectors, SideFileVectors, exact_rerank, recall_at
 from pipeline.index.serve import IndexSearcher
-from pipeline.index.train import load_trained
-from pipeline.schema import vectors_of
-from index_helpers import brute_force, config, make_corpus
-
-QUIET = lambda *_: None  # noqa: E731
+from pipeline.layout.embeddings import ROW_COLUMNS, EmbeddingsFolder, vectors_of
+from index_helpers import brute_force, config, index_of, make_corpus, registry_of
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +17,8 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("idx")
     corpus = make_corpus(str(root / "emb"), shards=8, rows=500)
     cfg = config(str(root / "emb"), str(root / "index"), group_size=1)
-    manifest = run_build(cfg, use_ray=False, log=QUIET)
-    reg = Registry.load(cfg.index)
+    manifest = run_build(cfg, use_ray=False).manifest
+    reg = registry_of(cfg)
     x, ids = corpus.ok_matrix({n: reg.number(n) for n in reg.names})
     queries = corpus.source.batch(10_000, 200)
     return corpus, cfg, manifest, reg, x, ids, queries
@@ -31,26 +26,26 @@ def built(tmp_path_factory):
 
 def test_manifest_records_build(built):
     corpus, cfg, manifest, reg, x, ids, _ = built
-    trained = io.read_json(cfg.index + "/trained.json")
-    assert manifest["ntotal"] == len(x) == sum(s["ntotal"] for s in manifest["shards"])
-    assert manifest["factory"] == "IVF32,PQ8" and manifest["dim"] == 32
-    assert manifest["identity"] == io.read_json(cfg.embeddings + "/_replica.json")["identity"]
-    assert manifest["trained_sha256"] == trained["sha256"]
-    assert manifest["registry_version"] == reg.version == 1
+    trained = index_of(cfg).read_trained_info()
+    assert manifest.ntotal == len(x) == sum(s.ntotal for s in manifest.shards)
+    assert manifest.factory == "IVF32,PQ8" and manifest.dim == 32
+    assert manifest.identity == EmbeddingsFolder(cfg.embeddings).read_info().identity
+    assert manifest.trained_sha256 == trained.sha256
+    assert manifest.registry_version == reg.version == 1
     # small shard budget: several index shards, some merged in stages (fan-in 2)
-    assert len(manifest["shards"]) >= 2
-    assert any(len(s["parts"]) > cfg.merge_fanin for s in manifest["shards"])
-    parts = [p for s in manifest["shards"] for p in s["parts"]]
+    assert len(manifest.shards) >= 2
+    assert any(len(s.parts) > cfg.merge_fanin for s in manifest.shards)
+    parts = [p for s in manifest.shards for p in s.parts]
     assert len(parts) == len(set(parts)) == len(corpus.names)
 
 
 def test_recall_after_rerank_against_brute_force(built):
     corpus, cfg, manifest, reg, x, ids, queries = built
     truth = brute_force(queries, x, ids, 10)
-    with IndexSearcher(cfg.index, use_ray=False) as s:
+    with IndexSearcher(index_of(cfg), use_ray=False) as s:
         _, approx = s.search(queries, 10, nprobe=8)
         _, cand = s.search(queries, 100, nprobe=8)
-        _, reranked = exact_rerank(queries, cand, SideFileVectors(cfg.index, s.dim), 10)
+        _, reranked = exact_rerank(queries, cand, SideFileVectors(index_of(cfg), s.dim), 10)
     before, after = recall_at(approx, truth, 10), recall_at(reranked, truth, 10)
     print(f"recall@10 before rerank {before:.3f}, after {after:.3f}")
     assert after >= 0.9
@@ -60,7 +55,7 @@ def test_recall_after_rerank_against_brute_force(built):
 def test_rerank_sources_agree_and_return_stored_vectors(built):
     corpus, cfg, manifest, reg, x, ids, queries = built
     pick = ids[::37]
-    side = SideFileVectors(cfg.index, 32).fetch(pick)
+    side = SideFileVectors(index_of(cfg), 32).fetch(pick)
     parquet = ParquetVectors(reg, 32).fetch(pick)
     expected = x[::37].astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(side, expected)
@@ -69,26 +64,29 @@ def test_rerank_sources_agree_and_return_stored_vectors(built):
 
 def test_ids_round_trip_to_parquet_rows(built):
     corpus, cfg, manifest, reg, x, ids, queries = built
-    with IndexSearcher(cfg.index, use_ray=False) as s:
+    with IndexSearcher(index_of(cfg), use_ray=False) as s:
         _, found = s.search(queries[:20], 5, nprobe=8)
     hits = found[found >= 0]
-    table = fetch_rows(hits, reg)
+    table = fetch_rows(hits, reg, columns=[*ROW_COLUMNS, "embedding"])
     assert table.column("id").to_pylist() == hits.tolist()
     for (shard, row), key, vec in zip(reg.shard_rows(hits), table.column("key").to_pylist(), vectors_of(table)):
         i = corpus.names.index(shard)
         assert key == f"{shard}-{row:06d}"
         assert not corpus.bad[i][row]
         np.testing.assert_array_equal(vec, corpus.vectors[i][row].astype(np.float16).astype(np.float32))
-    assert set(table.column_names) >= {"key", "url", "caption", "tar_url", "tar_offset", "tar_size", "embedding"}
+    assert set(table.column_names) >= {"key", "url", "caption", "tar_url", "tar_offset", "tar_size", "sha256", "embedding"}
 
 
 def test_merged_shards_equal_one_index_holding_all_vectors(built):
     corpus, cfg, manifest, reg, x, ids, queries = built
-    single, _ = load_trained(cfg.index)
+    import faiss
+
+    data, _ = index_of(cfg).read_trained()
+    single = faiss.deserialize_index(np.frombuffer(data, np.uint8))
     single.add_with_ids(x.astype(np.float16).astype(np.float32), ids)
     single.nprobe = 8
     d1, i1 = single.search(queries, 10)
-    with IndexSearcher(cfg.index, use_ray=False) as s:
+    with IndexSearcher(index_of(cfg), use_ray=False) as s:
         d2, i2 = s.search(queries, 10, nprobe=8)
     np.testing.assert_allclose(d2, d1, rtol=1e-5, atol=1e-5)
     same = (i1 == i2).mean()
@@ -100,14 +98,14 @@ def test_ntotal_and_ok_rows_only(built):
     corpus, cfg, manifest, reg, x, ids, queries = built
     n_ok = sum(int((~b).sum()) for b in corpus.bad)
     n_bad = sum(int(b.sum()) for b in corpus.bad)
-    assert n_bad > 0 and manifest["ntotal"] == n_ok
-    assert read_manifest(cfg.index)["ntotal"] == n_ok
+    assert n_bad > 0 and manifest.ntotal == n_ok
+    assert index_of(cfg).read_manifest().ntotal == n_ok
 
 
 def test_rebuild_is_a_no_op(built):
     corpus, cfg, manifest, reg, x, ids, queries = built
-    again = run_build(cfg, use_ray=False, log=QUIET)
-    assert again["shards"] == manifest["shards"] and again["ntotal"] == manifest["ntotal"]
+    again = run_build(cfg, use_ray=False).manifest
+    assert again.shards == manifest.shards and again.ntotal == manifest.ntotal
 
 
 def test_without_side_files_rerank_reads_parquet(tmp_path):
@@ -115,9 +113,9 @@ def test_without_side_files_rerank_reads_parquet(tmp_path):
 
     corpus = make_corpus(str(tmp_path / "emb"), shards=2, rows=300)
     cfg = config(str(tmp_path / "emb"), str(tmp_path / "index"), write_vectors=False)
-    manifest = run_build(cfg, use_ray=False, log=QUIET)
-    assert manifest["side_vectors"] is False and not (tmp_path / "index" / "vectors").exists()
-    src = source_for(cfg.index, manifest)
+    manifest = run_build(cfg, use_ray=False).manifest
+    assert manifest.side_vectors is False and not (tmp_path / "index" / "vectors").exists()
+    src = source_for(index_of(cfg), manifest)
     assert isinstance(src, ParquetVectors)
     ids = np.array([1, 2, 2**24 + 299, 0])  # shard 0 row 0 is a decode error: no vector
     want = np.stack([corpus.vectors[0][1], corpus.vectors[0][2], corpus.vectors[1][299], np.zeros(32)])

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
 from pipeline.cli import app
 from test_import_embeddings import write_release
@@ -45,3 +45,6 @@ def test_cli_reports_config_errors(tmp_path):
     r = CliRunner().invoke(app, ["index", "train", "--embeddings", str(tmp_path / "none"), "--index", str(tmp_path / "i")])
     assert r.exit_code == 2
     assert "does not exist" in r.output
+    # merge_fanin 1 would re-merge single parts forever: refused up front
+    r = CliRunner().invoke(app, ["index", "merge", "--index", str(tmp_path / "i"), "--merge-fanin", "1"])
+    assert r.exit_code == 2 and "merge_fanin must be >= 2" in r.output

@@ -6,19 +6,17 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import io
 from pipeline.errors import ConfigError, MismatchError
 from pipeline.index import factory as fac
 from pipeline.index.add import run_add
 from pipeline.index.build import run_build
-from pipeline.index.manifest import read_manifest
 from pipeline.index.merge import run_merge
 from pipeline.index.serve import IndexSearcher
-from pipeline.index.synthetic import identity, write_shard
 from pipeline.index.train import run_train
-from index_helpers import config, make_corpus
-
-QUIET = lambda *_: None  # noqa: E731
+from pipeline.layout.embeddings import EmbeddingsFolder
+from pipeline.layout.index import IndexFolder
+from pipeline.testing.vectors import identity, write_shard
+from index_helpers import config, index_of, make_corpus
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +24,13 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("mm")
     corpus = make_corpus(str(root / "emb"), shards=3, rows=400)
     cfg = config(str(root / "emb"), str(root / "index"), group_size=3)
-    run_build(cfg, use_ray=False, log=QUIET)
+    run_build(cfg, use_ray=False)
     return root, corpus, cfg
 
 
 def test_query_dim_mismatch(built):
     root, corpus, cfg = built
-    with IndexSearcher(cfg.index, use_ray=False) as s:
+    with IndexSearcher(index_of(cfg), use_ray=False) as s:
         with pytest.raises(MismatchError, match="dim 32"):
             s.search(np.zeros((2, 64), np.float32), 5)
 
@@ -40,9 +38,9 @@ def test_query_dim_mismatch(built):
 def test_query_embedder_identity_mismatch(built):
     root, corpus, cfg = built
     ok = identity(32)
-    IndexSearcher(cfg.index, use_ray=False, identity=ok).close()
+    IndexSearcher(index_of(cfg), use_ray=False, identity=ok).close()
     with pytest.raises(MismatchError, match="model"):
-        IndexSearcher(cfg.index, use_ray=False, identity={**ok, "model": "ViT-L-14"})
+        IndexSearcher(index_of(cfg), use_ray=False, identity={**ok, "model": "ViT-L-14"})
 
 
 def test_parts_of_another_training_are_refused(built, tmp_path):
@@ -52,16 +50,17 @@ def test_parts_of_another_training_are_refused(built, tmp_path):
     cfg2 = config(cfg.embeddings, str(other), group_size=3, factory="IVF16,PQ8")
     # retrain into the copy: same parts and manifest, different trained index
     (other / "trained.json").unlink()
-    run_train(cfg2, log=QUIET)
+    run_train(cfg2)
     with pytest.raises(MismatchError, match="trained index"):
-        run_add(cfg2, use_ray=False, log=QUIET)
+        run_add(cfg2, use_ray=False)
     with pytest.raises(MismatchError, match="trained index"):
-        run_merge(cfg2, use_ray=False, log=QUIET)
-    m = read_manifest(str(other))
-    m["shards"][0]["trained_sha256"] = "0" * 64
-    io.write_json(str(other / "manifest.json"), m)
+        run_merge(cfg2, use_ray=False)
+    folder = IndexFolder(str(other))
+    m = folder.read_manifest()
+    m.shards[0].trained_sha256 = "0" * 64
+    folder.write_manifest(m)
     with pytest.raises(MismatchError, match="trained index"):
-        IndexSearcher(str(other), use_ray=False)
+        IndexSearcher(folder, use_ray=False)
 
 
 def test_shard_of_another_embedder_is_refused(built, tmp_path):
@@ -70,10 +69,10 @@ def test_shard_of_another_embedder_is_refused(built, tmp_path):
     shutil.copytree(cfg.embeddings, emb)
     index = tmp_path / "index"
     cfg2 = config(str(emb), str(index), group_size=1)
-    run_train(cfg2, log=QUIET)
-    write_shard(str(emb), "foreign", corpus.source.batch(50, 100), identity(32, model="other"))
+    run_train(cfg2)
+    write_shard(EmbeddingsFolder(str(emb)), "foreign", corpus.source.batch(50, 100), identity(32, model="other"))
     with pytest.raises(MismatchError, match="model"):
-        run_add(cfg2, use_ray=False, log=QUIET)
+        run_add(cfg2, use_ray=False)
 
 
 def test_registry_of_another_folder_or_identity(built, tmp_path):
@@ -83,10 +82,10 @@ def test_registry_of_another_folder_or_identity(built, tmp_path):
     emb2 = tmp_path / "emb2"
     shutil.copytree(cfg.embeddings, emb2)
     with pytest.raises(MismatchError, match="registers shards of"):
-        run_train(config(str(emb2), cfg.index), log=QUIET)
+        run_train(config(str(emb2), cfg.index))
     # the registry keeps the identity it was created with
     with pytest.raises(MismatchError, match="weights"):
-        Registry.load_or_create(cfg.index, cfg.embeddings, identity(32, weights="v2"))
+        Registry.load_or_create(index_of(cfg), EmbeddingsFolder(cfg.embeddings), identity(32, weights="v2"))
 
 
 def test_factory_choice_and_bad_settings():
@@ -106,8 +105,8 @@ def test_factory_choice_and_bad_settings():
 
 def test_missing_inputs_fail_before_work(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        run_train(config(str(tmp_path / "nothing"), str(tmp_path / "i")), log=QUIET)
+        run_train(config(str(tmp_path / "nothing"), str(tmp_path / "i")))
     with pytest.raises(ConfigError, match="not trained"):
-        run_add(config(str(tmp_path / "nothing"), str(tmp_path / "i")), log=QUIET)
+        run_add(config(str(tmp_path / "nothing"), str(tmp_path / "i")))
     with pytest.raises(ConfigError, match="no index manifest"):
-        IndexSearcher(str(tmp_path / "i"), use_ray=False)
+        IndexSearcher(IndexFolder(str(tmp_path / "i")), use_ray=False)

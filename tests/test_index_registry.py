@@ -5,12 +5,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.index.registry import (
-    MAX_SHARD_NUMBER, ROW_MASK, Registry, decode_ids, encode_ids, fetch_rows, read_shard_rows,
-    register_complete_shards,
-)
-from pipeline.index.synthetic import MixtureSource, identity, shard_table, write_folder, write_shard
-from pipeline.schema import vectors_of
+from pipeline.index.registry import MAX_SHARD_NUMBER, ROW_MASK, Registry, decode_ids, encode_ids, fetch_rows
+from pipeline.layout.embeddings import EmbeddingsFolder, vectors_of
+from pipeline.layout.index import IndexFolder
+from pipeline.testing.vectors import MixtureSource, identity, shard_table, write_folder, write_shard
 
 
 def test_id_encoding_round_trips_at_the_limits():
@@ -30,31 +28,31 @@ def test_id_encoding_round_trips_at_the_limits():
 
 def test_registration_never_renumbers(tmp_path):
     src = MixtureSource(16, latent=4, clusters=5)
-    emb, index = str(tmp_path / "emb"), str(tmp_path / "index")
+    emb, index = EmbeddingsFolder(str(tmp_path / "emb")), IndexFolder(str(tmp_path / "index"))
     list(write_folder(emb, src, 3, 10))
     reg = Registry.load_or_create(index, emb, identity(16))
-    assert register_complete_shards(reg) == [0, 1, 2]
+    assert reg.register_complete() == [0, 1, 2]
     reg.save(index)
     # new shards sort before and after the known ones: known numbers stay, new ones follow
     write_shard(emb, "000000a", src.batch(7, 10), identity(16))
     write_shard(emb, "zzz", src.batch(8, 10), identity(16))
     reg2 = Registry.load(index)
-    assert register_complete_shards(reg2) == [3, 4]
+    assert reg2.register_complete() == [3, 4]
     assert reg2.names == ["000000", "000001", "000002", "000000a", "zzz"]
-    assert reg2.version == 2 and register_complete_shards(reg2) == [] and reg2.version == 2
+    assert reg2.version == 2 and reg2.register_complete() == [] and reg2.version == 2
     assert reg2.shard_rows(encode_ids([3, 1], [9, 0])) == [("000000a", 9), ("000001", 0)]
 
 
 def test_fetch_rows_reads_right_rows_in_given_order(tmp_path):
     src = MixtureSource(16, latent=4, clusters=5)
-    emb, index = str(tmp_path / "emb"), str(tmp_path / "index")
+    emb, index = EmbeddingsFolder(str(tmp_path / "emb")), IndexFolder(str(tmp_path / "index"))
     data = list(write_folder(emb, src, 3, 300, bad_every=0))
     for name, x, bad in data:  # small row groups: lookups read only a few of them
         write_shard(emb, name, x, identity(16), row_group_size=32)
     reg = Registry.load_or_create(index, emb, identity(16))
-    register_complete_shards(reg)
+    reg.register_complete()
     ids = encode_ids([2, 0, 2, 1, 0], [299, 5, 0, 150, 5])
-    t = fetch_rows(ids, reg)
+    t = fetch_rows(ids, reg, columns=["key", "tar_offset", "embedding"])
     assert t.column("id").to_pylist() == ids.tolist()
     assert t.column("key").to_pylist() == ["000002-000299", "000000-000005", "000002-000000", "000001-000150", "000000-000005"]
     np.testing.assert_array_equal(vectors_of(t)[0], data[2][1][299].astype(np.float16).astype(np.float32))
@@ -67,6 +65,6 @@ def test_rows_found_by_row_column_when_file_is_not_in_row_order(tmp_path):
     table = shard_table("s", x, identity(16))
     shuffled = table.take(np.random.default_rng(0).permutation(100))
     pq.write_table(shuffled, tmp_path / "s.parquet", row_group_size=16)
-    t = read_shard_rows(str(tmp_path / "s.parquet"), np.array([7, 93, 0]), ["key", "embedding"])
+    t = EmbeddingsFolder(str(tmp_path)).read_rows("s", np.array([7, 93, 0]), ["key", "embedding"])
     assert t.column("key").to_pylist() == ["s-000007", "s-000093", "s-000000"]
     np.testing.assert_array_equal(vectors_of(t)[1], x[93].astype(np.float16).astype(np.float32))

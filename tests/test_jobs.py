@@ -169,20 +169,20 @@ def test_cluster_launcher_config_passes_rays_own_validation():
 
 def test_example_pipeline_config_builds_the_typed_configs():
     from pipeline.index.factory import choose_factory, describe_factory
-    from pipeline.index.train import validate as validate_index
+    from pipeline.index.plan import plan_index
 
     data = load_one(INFRA / "pipeline.example.yaml")
     assert set(data) == {"embed", "index", "search"}
     embed = build(EmbedConfig, data["embed"], "embed")
     index = build(IndexConfig, data["index"], "index")
     search = build(SearchConfig, data["search"], "search")
-    validate_index(index)
+    plan_index(index)
     # the stages are chained, and everything lives on S3
     assert index.embeddings == embed.output and search.index == index.index
     urls = [*embed.input, embed.output, embed.embedder.checkpoint, index.index, search.queries, search.output,
             search.subset, *search.blocklist]
     assert all(u.startswith("s3://") for u in urls), urls
-    assert embed.ray.gpus_per_actor == 1 and index.train_device == "auto"
+    assert embed.gpus_per_actor == 1 and index.train_device == "auto"
     # LAION-5B scale: the factory chosen for 5.85B vectors fits the memory budget
     dim, n = 512, 5_850_000_000
     factory = choose_factory(dim, n, int(index.memory_budget_gb * 2**30), max_nlist=index.max_nlist)
@@ -316,7 +316,7 @@ def test_ray_job_submit_embed_every_key_once_then_resume(ray_head, tmp_path):
 
 def test_ray_job_submit_pipeline_embed_index_search_report(ray_head, tmp_path):
     from pipeline.sample import make_sample_tars
-    from pipeline.synthetic import scene
+    from pipeline.synthetic_images import scene
 
     urls = make_sample_tars(str(tmp_path / "tars"), tars=2, per_tar=150, seed=3)
     generated = tmp_path / "generated"

@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import io as rio
+from pipeline import storage as rio
 from pipeline.errors import ConfigError, MismatchError
+from pipeline.layout.runs import RunFolder, baseline_schema, matches_schema, queries_schema
 from pipeline.report import calibrate_threshold, run_report, wilson_interval
-from pipeline.schema import baseline_schema, matches_schema, queries_schema
-from pipeline.synthetic import caption as synth_caption
-from pipeline.synthetic import scene
+from pipeline.synthetic_images import caption as synth_caption
+from pipeline.synthetic_images import scene
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL_CAPTION = '<script>alert("pwned")</script> a cat & "dog"'
@@ -167,7 +167,7 @@ def results(tmp_path_factory, corpus):
     """Two runs under one results folder, reported once for the whole module."""
     root = tmp_path_factory.mktemp("res") / "results"
     dirs = [build_run(root, "run-a", 1, corpus), build_run(root, "run-b", 2, corpus, n_queries=25)]
-    summaries = [run_report(str(d), top=TOP_K) for d in dirs]
+    summaries = [run_report(RunFolder(str(d)), top=TOP_K) for d in dirs]
     return root, dirs, summaries
 
 
@@ -230,7 +230,7 @@ def test_summary_equals_brute_force(results):
     _, dirs, summaries = results
     for run_dir, summary in zip(dirs, summaries):
         on_disk = json.loads((run_dir / "summary.json").read_text())
-        assert on_disk["run_id"] == summary["run_id"] == run_dir.name.split("=", 1)[1]
+        assert on_disk["run_id"] == summary.run_id == run_dir.name.split("=", 1)[1]
         best = col(run_dir, "queries.parquet", "best_score")
         best_in = col(run_dir, "queries.parquet", "best_score_in_subset")
         best_out = col(run_dir, "queries.parquet", "best_score_outside_subset")
@@ -342,7 +342,7 @@ def test_html_escapes_untrusted_text(results):
     page = (dirs[0] / "report.html").read_text(encoding="utf-8")
     matches = pq.read_table(dirs[0] / "matches.parquet").to_pylist()
     assert any(m["caption"] == EVIL_CAPTION for m in matches), "fixture must show the hostile caption"
-    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt; a cat &amp; &quot;dog&quot;" in page
+    assert "&lt;script&gt;alert(&#34;pwned&#34;)&lt;/script&gt; a cat &amp; &#34;dog&#34;" in page
     assert "alert(\"pwned\")" not in page
     assert page.count("<script") == 1  # only the filter script of the page itself
     assert 'href="javascript:' not in page and "javascript:alert(1)" in page  # shown as text, not a link
@@ -404,8 +404,8 @@ def test_report_over_s3(s3_server, corpus, tmp_path):
     run_url = f"{bucket}/results/run_id=s3run"
     for f in local.iterdir():
         rio.write_bytes(f"{run_url}/{f.name}", f.read_bytes(), storage)
-    summary = run_report(run_url, storage, top=2)
-    assert summary["outputs"]["report.html"] == f"{run_url}/report.html"
+    summary = run_report(RunFolder(run_url, storage), top=2)
+    assert summary.outputs["report.html"] == f"{run_url}/report.html"
     on_s3 = json.loads(rio.read_bytes(f"{run_url}/summary.json", storage))
     assert on_s3["calibration"]["threshold"] == brute_calibrate(col(local, "baseline.parquet", "top1_score_no_dups"), 0.01)
     assert on_s3["calibration"]["baseline_samples"] == 120
@@ -420,9 +420,9 @@ def test_missing_images_and_baseline_are_reported_not_fatal(corpus, tmp_path):
     run_dir = build_run(tmp_path / "results", "broken", 4, corpus, n_queries=6,
                         tar_url_of=lambda rec: rec["tar_url"] + ".missing")
     (run_dir / "baseline.parquet").unlink()
-    summary = run_report(str(run_dir))
-    assert "calibrated" not in summary["thresholds"] and summary["calibration"] is None
-    assert any("no baseline" in w for w in summary["warnings"])
+    summary = run_report(RunFolder(str(run_dir)))
+    assert "calibrated" not in summary.thresholds and summary.calibration is None
+    assert any("no baseline" in w for w in summary.warnings)
     page = (run_dir / "report.html").read_text()
     assert page.count("image unavailable") == len(col(run_dir, "matches.parquet", "match_key"))
     assert page.count("FileNotFoundError") >= 1
@@ -430,28 +430,28 @@ def test_missing_images_and_baseline_are_reported_not_fatal(corpus, tmp_path):
 
 def test_bad_run_directories_fail_with_a_message(corpus, tmp_path):
     with pytest.raises(ConfigError, match="run.json"):
-        run_report(str(tmp_path / "nowhere"))
+        run_report(RunFolder(str(tmp_path / "nowhere")))
     run_dir = build_run(tmp_path / "results", "r1", 5, corpus, n_queries=4)
     table = pq.read_table(run_dir / "matches.parquet").drop_columns(["score"])
     pq.write_table(table, run_dir / "matches.parquet")
     with pytest.raises(MismatchError, match="score"):
-        run_report(str(run_dir))
+        run_report(RunFolder(str(run_dir)))
     other = build_run(tmp_path / "results", "r2", 6, corpus, n_queries=4)
     shutil.copy(other / "queries.parquet", run_dir / "queries.parquet")
     shutil.copy(other / "matches.parquet", run_dir / "matches.parquet")
     with pytest.raises(MismatchError, match="different runs"):
-        run_report(str(run_dir))
+        run_report(RunFolder(str(run_dir)))
     renamed = other.parent / "run_id=r3"
     shutil.copytree(other, renamed)
     with pytest.raises(MismatchError, match="named for run 'r3'"):
-        run_report(str(renamed))
+        run_report(RunFolder(str(renamed)))
     with pytest.raises(ConfigError, match="--top"):
-        run_report(str(other), top=0)
+        run_report(RunFolder(str(other)), top=0)
     assert not (run_dir / "summary.json").exists()
 
 
 def test_cli_report(corpus, tmp_path):
-    from typer.testing import CliRunner
+    from click.testing import CliRunner
 
     from pipeline.cli import app
 
@@ -513,3 +513,44 @@ def test_gallery_filters_run_in_chromium(results, tmp_path, preset):
     assert f'<span id="shown">{len(expected)} of {len(queries)} queries shown</span>' in dom, dom[-500:]
     hidden_cards = len(re.findall(r'class="card mcard" data-in-subset="1" style="[^"]*display: none', dom))
     assert hidden_cards == (sum(m["in_subset"] for m in matches) if "outside" in flags else 0)
+
+
+HOSTILE = ['<img src=x onerror=alert("caption")>', '" onmouseover="alert(\'attr\')" x="',
+           "' onmouseover='alert(\"attr2\")' x='", "</div><script>alert('script')</script>"]
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium: run .ci/install-browser.sh (Debian chromium)")
+def test_hostile_text_opens_no_dialog_in_chromium(corpus, tmp_path):
+    """Captions, URLs, keys and prompts from the web cannot run script, in text or in attributes:
+    the page is loaded in Chromium and the mouse passes over every element; no dialog opens.
+    A page that does embed the same payload raw opens one (the check can see dialogs)."""
+    from browser import Browser
+
+    evil = {i: dict(rec) for i, rec in corpus.items()}
+    for i, rec in evil.items():
+        payload = HOSTILE[i % len(HOSTILE)]
+        rec.update(key=f"{payload}{i}", caption=payload, url=f'https://example.com/{i}"onmouseover="alert(1)')
+    evil[1]["url"] = "javascript:alert('link')"
+    run_dir = build_run(tmp_path / "results", "hostile", 8, evil, n_queries=6)
+    for name, column in (("queries.parquet", "prompt"), ("matches.parquet", "prompt")):
+        table = pq.read_table(run_dir / name)
+        prompts = [HOSTILE[j % len(HOSTILE)] for j in range(table.num_rows)]
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(prompts)), run_dir / name)
+    run_report(RunFolder(str(run_dir)), top=TOP_K)
+    control = tmp_path / "control.html"
+    control.write_text(f"<!doctype html><body><div>{HOSTILE[0]}</div></body>")
+
+    browser = Browser()
+    try:
+        browser.open(control.as_uri())
+        assert browser.dialogs, "the harness must see the dialog a raw payload opens"
+        browser.dialogs.clear()
+        browser.open((run_dir / "report.html").as_uri())
+        hovered = browser.hover_everything()
+        assert hovered > 100
+        shown = browser.evaluate("document.querySelectorAll('.mcard .caption').length")
+        assert shown == len(col(run_dir, "matches.parquet", "match_key"))
+        assert browser.evaluate("document.querySelectorAll('.caption img, .key img, .meta script').length") == 0
+        assert browser.dialogs == []
+    finally:
+        browser.close()

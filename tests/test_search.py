@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from typer.testing import CliRunner
+from click.testing import CliRunner
 
-from pipeline import schema
+from pipeline.layout import embeddings as schema
+from pipeline.layout import runs
 from pipeline.cli import app
 from pipeline.config import SearchConfig
-from pipeline.search import run_dir, run_search
+from pipeline.search import run_search
 
 GLOBAL_EDITS = {"resize", "crop", "jpeg", "colour", "brightness_contrast", "greyscale", "flip", "rotate", "combo"}
 
@@ -44,9 +45,9 @@ def test_demo_prints_its_figures(demo):
 
 def test_every_output_exists_and_parses(demo):
     run = demo["run"]
-    assert table(run, "matches.parquet").schema.equals(schema.matches_schema(), check_metadata=False)
-    assert table(run, "queries.parquet").schema.equals(schema.queries_schema(), check_metadata=False)
-    assert table(run, "baseline.parquet").schema.equals(schema.baseline_schema(), check_metadata=False)
+    assert table(run, "matches.parquet").schema.equals(runs.matches_schema(), check_metadata=False)
+    assert table(run, "queries.parquet").schema.equals(runs.queries_schema(), check_metadata=False)
+    assert table(run, "baseline.parquet").schema.equals(runs.baseline_schema(), check_metadata=False)
     summary = json.loads((run / "summary.json").read_text())
     info = json.loads((run / "run.json").read_text())
     assert info["run_id"] == summary["run_id"] == "demo"
@@ -107,42 +108,68 @@ def test_scores_and_summary_match_brute_force(demo):
         assert row["top1_score"] == pytest.approx(float(scores.max()), abs=2e-3)
 
 
-def test_blocklisted_images_are_never_fetched_or_shown(demo, monkeypatch):
-    import pipeline.io
+@pytest.fixture(scope="module")
+def s3_corpus(ray_local, s3_server, tmp_path_factory):
+    """A small corpus whose tars live on the local S3 server, reached through a recording proxy:
+    every byte any process fetches (driver, verification tasks, gallery) is seen there."""
+    from pipeline.config import EmbedConfig, IndexConfig
+    from pipeline.embed import run_embed
+    from pipeline.index.build import run_build
+    from pipeline.layout.embeddings import EmbeddingsFolder
+    from pipeline.sample import make_sample_tars
+    from pipeline.storage import Storage
+    from pipeline.synthetic_images import apply_edit
+    from pipeline.verify import load_candidate
+    from s3proxy import S3Proxy
 
-    truth = [t for t in demo["truth"] if t["edit"] in ("resize", "paste")]
-    emb = pq.ParquetDataset(sorted(str(p) for p in (demo["work"] / "embeddings").glob("*.parquet"))).read().to_pylist()
-    by_key = {r["key"]: r for r in emb}
-    blocked_keys = {truth[0]["source_key"], truth[-1]["source_key"]}
-    blocked_url = by_key[truth[1]["source_key"]]["url"]
-    blocklist = demo["work"] / "blocklist.txt"
-    blocklist.write_text("\n".join([*blocked_keys, blocked_url]) + "\n")
-    blocked = blocked_keys | {truth[1]["source_key"]}
-    blocked_ranges = {(by_key[k]["tar_url"], by_key[k]["tar_offset"]) for k in blocked}
+    proxy = S3Proxy(s3_server.endpoint_url).start()
+    storage = Storage(endpoint_url=proxy.url, region=s3_server.region)
+    root, local = "s3://replica-test/blocklist", tmp_path_factory.mktemp("blocklist")
+    make_sample_tars(f"{root}/tars", tars=2, per_tar=40, seed=7, storage=storage)
+    run_embed(EmbedConfig(input=[f"{root}/tars/*.tar"], output=f"{root}/emb", s3=storage))
+    run_build(IndexConfig(embeddings=f"{root}/emb", index=str(local / "index"), s3=storage, factory="IVF8,Flat",
+                          nprobe=8))
+    folder, emb = EmbeddingsFolder(f"{root}/emb", storage), []
+    for shard in folder.complete_shards():
+        with folder.open(folder.parquet_name(shard)) as f:
+            emb += pq.read_table(f).to_pylist()
+    generated = local / "generated"
+    generated.mkdir()
+    sources = [emb[i] for i in (3, 17, 44, 61, 70)]
+    for j, row in enumerate(sources):
+        image = load_candidate(row["tar_url"], row["tar_offset"], row["tar_size"], storage)
+        apply_edit("resize", image, j).save(generated / f"copy-{j}.png")
+    yield {"proxy": proxy, "storage": storage, "local": local, "emb": emb, "sources": sources}
+    proxy.stop()
 
-    fetched = []
-    real_read_range = pipeline.io.read_range
 
-    def recording_read_range(url, offset, size, storage=None):
-        fetched.append((url, offset))
-        return real_read_range(url, offset, size, storage)
+def test_blocklisted_images_are_never_fetched_or_shown(s3_corpus):
+    proxy, sources, local = s3_corpus["proxy"], s3_corpus["sources"], s3_corpus["local"]
+    blocked_rows = [sources[0], sources[1], sources[2]]
+    blocklist = local / "blocklist.txt"  # two by key, one by URL
+    blocklist.write_text("\n".join([sources[0]["key"], sources[1]["key"], sources[2]["url"]]) + "\n")
+    blocked = {r["key"] for r in blocked_rows}
+    blocked_ranges = {(r["tar_url"].rsplit("/", 1)[-1], f"bytes={r['tar_offset']}-{r['tar_offset'] + r['tar_size'] - 1}")
+                      for r in blocked_rows}
 
-    monkeypatch.setattr(pipeline.io, "read_range", recording_read_range)
-    monkeypatch.setattr("pipeline.report.read_range", recording_read_range)
-    cfg = SearchConfig(queries=str(demo["work"] / "generated"), index=str(demo["work"] / "index"),
-                       output=str(demo["work"] / "results"), run_id="blocked", blocklist=[str(blocklist)],
-                       subset=str(demo["work"] / "subset.parquet"), baseline_size=100)
-    run_search(cfg, progress=False)
-    run = Path(run_dir(cfg))
-    assert fetched, "verification and the gallery fetch candidate pixels"
-    assert not blocked_ranges & set(fetched)
+    proxy.clear()
+    cfg = SearchConfig(queries=str(local / "generated"), index=str(local / "index"), output=str(local / "results"),
+                       run_id="blocked", blocklist=[str(blocklist)], baseline_size=40, verify_top=5,
+                       s3=s3_corpus["storage"])
+    run = Path(run_search(cfg).run_url)
+    fetched = {(r.path.rsplit("/", 1)[-1], r.range) for r in proxy.requests
+               if r.method == "GET" and r.range and r.path.endswith(".tar")}
+    assert len(fetched) >= 10, "verification, the baseline and the gallery fetch candidate pixels"
+    assert not blocked_ranges & fetched
     matches = table(run, "matches.parquet").column("match_key").to_pylist()
-    assert not blocked & set(matches)
+    assert matches and not blocked & set(matches)
     info = json.loads((run / "run.json").read_text())
-    assert info["blocklist"] == {"entries": 3, "dropped_matches": info["blocklist"]["dropped_matches"]}
-    assert info["blocklist"]["dropped_matches"] >= 3
+    assert info["blocklist"]["entries"] == 3 and info["blocklist"]["dropped_matches"] >= 3
     html = (run / "report.html").read_text()
     assert not any(k in html for k in blocked)
+    # the unblocked copies are found, through the same proxy
+    top1 = {m["query_key"]: m["match_key"] for m in table(run, "matches.parquet").to_pylist() if m["rank"] == 1}
+    assert top1["copy-3"] == sources[3]["key"] and top1["copy-4"] == sources[4]["key"]
 
 
 def test_query_embedder_must_match_the_index(demo, tmp_path):
@@ -158,7 +185,7 @@ def test_query_embedder_must_match_the_index(demo, tmp_path):
                        output=str(tmp_path / "results"),
                        embedder=EmbedderConfig(name="sscd", checkpoint=str(path), image_size=64))
     with pytest.raises(MismatchError, match="other parameters"):
-        run_search(cfg, progress=False)
+        run_search(cfg)
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").glob("run_id=*"))
 
 
@@ -180,8 +207,7 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
     cfg = SearchConfig(queries=str(demo["work"] / "generated"), index=str(demo["work"] / "index"),
                        output=str(tmp_path / "results"), run_id="rerank", rerank=rerank, rerank_top=5,
                        verify_top=0, top_k=5, baseline_size=50)
-    run_search(cfg, progress=False)
-    matches = table(Path(run_dir(cfg)), "matches.parquet").to_pylist()
+    matches = table(Path(run_search(cfg).run_url), "matches.parquet").to_pylist()
     assert all(m["score_rerank"] is not None and m["score"] == m["score_rerank"] for m in matches)
     assert all(m["inliers"] is None for m in matches)  # verification was off
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import synthetic
+from pipeline import synthetic_images as synthetic
 from pipeline.verify import Features, Verifier, load_candidate, verify
 
 

@@ -5,15 +5,15 @@ Heavy imports (torch, open_clip) happen inside the embedder modules, only when o
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
 from pipeline.config import EmbedderConfig
 from pipeline.embedders.base import Embedder, square_crop_uint8
-from pipeline.errors import ConfigError, MismatchError
-from pipeline.io import Storage, exists
+from pipeline.errors import ConfigError
+from pipeline.storage import Storage, exists
 
 KNOWN = ("default", "open_clip", "sscd")
 
@@ -79,14 +79,3 @@ def build_preprocessor(cfg: EmbedderConfig, storage: Storage | None = None) -> C
 
         size = cfg.image_size or DEFAULT_SIZE
     return partial(square_crop_uint8, size=size)
-
-
-def check_same_identity(have: dict[str, Any], want: dict[str, Any], where: str) -> None:
-    """Refuse to mix outputs of different embedders or preprocessing."""
-    if have != want:
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        details = "; ".join(f"{k}: {have.get(k)!r} there vs {want.get(k)!r} now" for k in diff)
-        raise MismatchError(
-            f"{where} holds output made with other parameters ({details}); "
-            "use a new output location or the same embedder settings"
-        )

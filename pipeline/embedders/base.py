@@ -9,7 +9,7 @@ runs in an actor (on a GPU when there is one):
   L2-normalised rows.
 
 ``identity()`` is recorded with every output; two outputs whose identities differ are never
-mixed (see :func:`pipeline.embedders.check_same_identity`).
+mixed (see :func:`pipeline.layout.embeddings.check_same_identity`).
 """
 from __future__ import annotations
 

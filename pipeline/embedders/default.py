@@ -52,7 +52,7 @@ from PIL import Image
 from pipeline.config import EmbedderConfig
 from pipeline.embedders.base import Embedder, l2_normalize
 from pipeline.errors import ConfigError
-from pipeline.io import Storage, read_bytes
+from pipeline.storage import Storage, read_bytes
 
 #: Feature-code version. Changing the feature code means a new version and a new fit.
 VERSION = "gradpyr64-lw-v1"

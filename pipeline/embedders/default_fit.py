@@ -4,9 +4,9 @@
     python -m pipeline.embedders.default_fit --out my.npz    # an alternative (embedder.checkpoint)
 
 Training images: procedural scenes (seeds from ``FIT_SEED0`` on, never used by the benchmark)
-and the part ``FIT_PART`` of the photo tiles of :func:`pipeline.synthetic.photo_tiles` (the
+and the part ``FIT_PART`` of the photo tiles of :func:`pipeline.synthetic_images.photo_tiles` (the
 benchmark builds its corpus and distractors from the other parts, so no pixel is shared).
-Each training image gets edited copies (:data:`pipeline.synthetic.EDITS` plus stronger crops,
+Each training image gets edited copies (:data:`pipeline.synthetic_images.EDITS` plus stronger crops,
 which stand for the query-side region windows); the whitening is the "learned whitening" of
 Radenovic et al. (TPAMI 2018): whiten the covariance of (image - copy) differences, then keep
 the directions of largest variance between images.
@@ -17,13 +17,12 @@ fit uses procedural scenes only (and says so in the file's ``meta``).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import time
 
 import numpy as np
 from PIL import Image
 
-from pipeline import synthetic
+from pipeline import synthetic_images as synthetic
 from pipeline.embedders.default import DIM, SHIPPED_WHITENING, VERSION, Whitening, raw_features, to_input
 
 #: Photo tiles: 3 disjoint parts. 0 = benchmark corpus, 1 = benchmark distractors, 2 = fit.

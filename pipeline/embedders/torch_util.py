@@ -2,12 +2,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 
 import numpy as np
-
-from pipeline.io import Storage, filesystem, is_local
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,21 +19,6 @@ def pick_device(requested: str) -> str:
 
         raise ConfigError("embedder.device is cuda but no CUDA device is visible to this worker")
     return requested
-
-
-def local_copy(url: str, storage: Storage | None) -> str:
-    """A local file path for ``url``: the path itself, or a cached download of a remote file."""
-    if is_local(url):
-        return url.removeprefix("file://")
-    fs, path = filesystem(url, storage)
-    cache = os.path.join(tempfile.gettempdir(), "replica-weights")
-    os.makedirs(cache, exist_ok=True)
-    target = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest() + "-" + os.path.basename(path))
-    if not os.path.exists(target):
-        tmp = target + f".part-{os.getpid()}"
-        fs.get_file(path, tmp)
-        os.replace(tmp, target)
-    return target
 
 
 def file_sha256(path: str) -> str:

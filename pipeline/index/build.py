@@ -2,29 +2,37 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
 
 from pipeline.config import IndexConfig
 from pipeline.index.add import run_add
 from pipeline.index.merge import run_merge
-from pipeline.index.train import run_train, validate
+from pipeline.index.plan import plan_index
+from pipeline.index.train import run_train
+from pipeline.layout.index import Manifest
+from pipeline.progress import NullProgress, Progress
 
-Progress = Callable[[str, int, int], None]
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    #: seconds per step
+    timings: dict[str, float]
 
 
-def run_build(cfg: IndexConfig, *, use_ray: bool = True, log: Callable[[str], None] = print,
-              on_progress: Progress | None = None) -> dict[str, Any]:
-    """Train (once), add every shard not yet added, merge new parts; returns the manifest
-    plus ``timings`` (seconds per step). Every step is idempotent, so rerunning resumes."""
-    validate(cfg)
+def run_build(cfg: IndexConfig, progress: Progress | None = None, *, use_ray: bool = True) -> BuildResult:
+    """Train (once), add every shard not yet added, merge new parts. Every step is idempotent,
+    so rerunning resumes."""
+    progress = progress or NullProgress()
+    plan_index(cfg)
     timings = {}
     t = time.time()
-    run_train(cfg, log=log, on_progress=on_progress)
-    timings["train"] = time.time() - t
+    run_train(cfg, progress)
+    timings["train"] = round(time.time() - t, 3)
     t = time.time()
-    run_add(cfg, use_ray=use_ray, log=log, on_progress=on_progress)
-    timings["add"] = time.time() - t
+    run_add(cfg, progress, use_ray=use_ray)
+    timings["add"] = round(time.time() - t, 3)
     t = time.time()
-    manifest = run_merge(cfg, use_ray=use_ray, log=log, on_progress=on_progress)
-    timings["merge"] = time.time() - t
-    return {**manifest, "timings": {k: round(v, 3) for k, v in timings.items()}}
+    manifest = run_merge(cfg, progress, use_ray=use_ray)
+    timings["merge"] = round(time.time() - t, 3)
+    return BuildResult(manifest, timings)

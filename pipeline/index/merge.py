@@ -9,30 +9,17 @@ written last, so a killed merge leaves the previous manifest valid and a rerun r
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import tempfile
-import time
-from typing import Any, Callable
 
-from pipeline import io
 from pipeline.config import IndexConfig
 from pipeline.errors import ConfigError, MismatchError
-from pipeline.index.add import read_ledger
-from pipeline.index.manifest import Layout, empty_manifest, read_trained_info, sha256_bytes
+from pipeline.index.plan import plan_index
 from pipeline.index.registry import Registry
-
-Progress = Callable[[str, int, int], None]
-
-
-def _local_copy(url: str, tmp: str, storage: io.Storage | None) -> str:
-    if io.is_local(url):
-        return url.removeprefix("file://")
-    dest = os.path.join(tmp, url.rsplit("/", 1)[-1])
-    fs, path = io.filesystem(url, storage)
-    fs.get_file(path, dest)
-    return dest
+from pipeline.layout.index import (IndexFolder, IndexShard, Manifest, PartRecord, TrainedInfo, invlists_path,
+                                   sha256_bytes)
+from pipeline.progress import NullProgress, Progress
 
 
 def read_ondisk(path: str):
@@ -65,8 +52,7 @@ def merge_to_ondisk(trained_bytes: bytes, inputs: list[str], out_index: str, ond
     ivf = faiss.extract_index_ivf(index)
     if index.ntotal != 0:
         raise ValueError("the trained index must be empty")
-    ivfdata = out_index[: -len(".index")] + ".ivfdata" if out_index.endswith(".index") else out_index + ".ivfdata"
-    invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, ivfdata)
+    invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, invlists_path(out_index))
     ntotal = invlists.merge_from_multiple(vec.data(), vec.size(), False)
     index.ntotal = ivf.ntotal = ntotal
     ivf.replace_invlists(invlists, True)
@@ -76,25 +62,18 @@ def merge_to_ondisk(trained_bytes: bytes, inputs: list[str], out_index: str, ond
     return int(ntotal)
 
 
-def merge_shard(
-    index: str,
-    name: str,
-    parts: list[str],
-    storage: io.Storage | None = None,
-    fanin: int = 64,
-    threads: int = 1,
-    workdir: str | None = None,
-) -> dict[str, Any]:
-    """Build index shard ``name`` from ``parts`` (part names); staged when there are many."""
+def merge_shard(index: IndexFolder, name: str, parts: list[str], fanin: int = 64, threads: int = 1,
+                workdir: str | None = None) -> IndexShard:
+    """Build index shard ``name`` from ``parts`` (part names); staged when there are more than ``fanin``."""
     import faiss
 
+    if fanin < 2:
+        raise ConfigError(f"merge fan-in must be >= 2, got {fanin}")
     faiss.omp_set_num_threads(max(1, int(threads)))
-    layout = Layout(index)
-    trained = io.read_bytes(layout.trained, storage)
-    t0 = time.time()
+    trained, _ = index.read_trained()
     tmp = tempfile.mkdtemp(prefix=f"merge-{name}-", dir=workdir)
     try:
-        files = [_local_copy(layout.part(p), tmp, storage) for p in parts]
+        files = [index.local_copy(index.part_rel(p), cache_dir=tmp) for p in parts]
         ondisk = False
         stage = 0
         while len(files) > fanin:  # stage: fan-in groups -> intermediate on-disk indexes
@@ -106,134 +85,98 @@ def merge_shard(
             if ondisk:  # the previous stage's intermediates are no longer needed
                 for f in files:
                     os.remove(f)
-                    os.remove(f[: -len(".index")] + ".ivfdata")
+                    os.remove(invlists_path(f))
             files, ondisk, stage = nxt, True, stage + 1
         final_dir = os.path.join(tmp, "final")
         os.makedirs(final_dir)
         out = os.path.join(final_dir, f"{name}.index")
         ntotal = merge_to_ondisk(trained, files, out, ondisk_inputs=ondisk)
-        ivfdata = out[: -len(".index")] + ".ivfdata"
+        ivfdata = invlists_path(out)
         index_bytes, ivf_bytes = os.path.getsize(out), os.path.getsize(ivfdata)
+        index_rel, ivfdata_rel = index.shard_rels(name)
         # publish the data file first, the small index file (which names it) last
-        for src, dst in ((ivfdata, layout.shard_ivfdata(name)), (out, layout.shard_index(name))):
-            if io.is_local(dst):
-                dst_path = dst.removeprefix("file://")
-                os.makedirs(os.path.dirname(dst_path), exist_ok=True)
-                shutil.move(src, dst_path + ".tmp")
-                os.replace(dst_path + ".tmp", dst_path)
-            else:
-                fs, path = io.filesystem(dst, storage)
-                fs.put_file(src, path)
-        return {
-            "name": name,
-            "ntotal": ntotal,
-            "parts": parts,
-            "stages": stage + 1,
-            "index_bytes": index_bytes,
-            "ivfdata_bytes": ivf_bytes,
-            "trained_sha256": sha256_bytes(trained),
-            "seconds": round(time.time() - t0, 3),
-        }
+        index.publish_file(ivfdata, ivfdata_rel)
+        index.publish_file(out, index_rel)
+        return IndexShard(name=name, index=index_rel, ivfdata=ivfdata_rel, ntotal=ntotal, parts=parts,
+                          trained_sha256=sha256_bytes(trained), index_bytes=index_bytes, ivfdata_bytes=ivf_bytes)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def pack_parts(parts: list[dict[str, Any]], capacity: int) -> list[list[dict[str, Any]]]:
+def pack_parts(parts: list[PartRecord], capacity: int) -> list[list[PartRecord]]:
     """Consecutive parts into groups of at most ``capacity`` vectors (a bigger part stands alone)."""
-    groups: list[list[dict[str, Any]]] = []
+    groups: list[list[PartRecord]] = []
     size = 0
     for p in parts:
-        if groups and size + p["ntotal"] <= capacity:
+        if groups and size + p.ntotal <= capacity:
             groups[-1].append(p)
-            size += p["ntotal"]
+            size += p.ntotal
         else:
             groups.append([p])
-            size = p["ntotal"]
+            size = p.ntotal
     return groups
 
 
-def shard_capacity(trained: dict[str, Any], shard_memory_gb: float) -> int:
-    budget = shard_memory_gb * 2**30 - trained["fixed_bytes"]
-    if budget <= trained["bytes_per_vector"]:
+def shard_capacity(trained: TrainedInfo, shard_memory_gb: float) -> int:
+    budget = shard_memory_gb * 2**30 - trained.fixed_bytes
+    if budget <= trained.bytes_per_vector:
         raise ConfigError(
             f"index.shard_memory_gb={shard_memory_gb} does not even hold the fixed structures "
-            f"({trained['fixed_bytes'] / 2**30:.2f} GiB) of {trained['factory']}"
+            f"({trained.fixed_bytes / 2**30:.2f} GiB) of {trained.factory}"
         )
-    return int(budget // trained["bytes_per_vector"])
+    return int(budget // trained.bytes_per_vector)
 
 
-def run_merge(
-    cfg: IndexConfig,
-    *,
-    use_ray: bool = True,
-    log: Callable[[str], None] = print,
-    on_progress: Progress | None = None,
-) -> dict[str, Any]:
+def run_merge(cfg: IndexConfig, progress: Progress | None = None, *, use_ray: bool = True) -> Manifest:
     """Merge recorded parts that no index shard holds into new index shards; write the manifest."""
-    trained = read_trained_info(cfg.index, cfg.storage)
-    layout = Layout(cfg.index)
-    manifest = io.read_json(layout.manifest, cfg.storage) if io.exists(layout.manifest, cfg.storage) else empty_manifest(trained)
-    if manifest["trained_sha256"] != trained["sha256"]:
+    progress = progress or NullProgress()
+    p = plan_index(cfg, needs_embeddings=False)
+    trained = p.index.read_trained_info()
+    manifest = p.index.read_manifest() if p.index.has_manifest() else Manifest.empty(trained)
+    if manifest.trained_sha256 != trained.sha256:
         raise MismatchError(
-            f"{layout.manifest!r} was built from trained index {manifest['trained_sha256'][:12]}, "
-            f"but {layout.trained!r} is {trained['sha256'][:12]}"
+            f"{p.index.manifest_url!r} was built from trained index {manifest.trained_sha256[:12]}, "
+            f"but {p.index.trained_url!r} is {trained.sha256[:12]}"
         )
-    ledger = read_ledger(cfg.index, cfg.storage)
-    if ledger["parts"] and ledger["trained_sha256"] != trained["sha256"]:
-        raise MismatchError(f"the parts ledger belongs to trained index {str(ledger['trained_sha256'])[:12]}")
-    merged = {p for s in manifest["shards"] for p in s["parts"]}
-    new_parts = [p for p in ledger["parts"] if p["name"] not in merged]
-    reg = Registry.load(cfg.index, cfg.storage)
+    ledger = p.index.read_ledger()
+    if ledger.parts and ledger.trained_sha256 != trained.sha256:
+        raise MismatchError(f"the parts ledger belongs to trained index {str(ledger.trained_sha256)[:12]}")
+    merged = {name for s in manifest.shards for name in s.parts}
+    new_parts = [part for part in ledger.parts if part.name not in merged]
+    reg = Registry.load(p.index)
     if not new_parts:
-        log(f"nothing to merge: {len(manifest['shards'])} index shard(s) hold {manifest['ntotal']:,} vectors")
+        progress.log(f"nothing to merge: {len(manifest.shards)} index shard(s) hold {manifest.ntotal:,} vectors")
         return manifest
     capacity = shard_capacity(trained, cfg.shard_memory_gb)
-    groups = pack_parts(new_parts, capacity)
-    first = len(manifest["shards"])
-    jobs = [(f"shard-{first + i:05d}", [p["name"] for p in g]) for i, g in enumerate(groups)]
-    n_new = sum(p["ntotal"] for p in new_parts)
-    log(f"merging {len(new_parts)} part(s), {n_new:,} vectors -> {len(jobs)} new index shard(s) "
-        f"(<= {capacity:,} vectors each, fan-in {cfg.merge_fanin})")
-    results = []
-    if use_ray:
-        from pipeline.ray_util import connect
+    first = len(manifest.shards)
+    jobs = [(f"shard-{first + i:05d}", [part.name for part in g]) for i, g in enumerate(pack_parts(new_parts, capacity))]
+    progress.log(f"merging {len(new_parts)} part(s), {sum(part.ntotal for part in new_parts):,} vectors -> "
+                 f"{len(jobs)} new index shard(s) (<= {capacity:,} vectors each, fan-in {cfg.merge_fanin})")
+    results: dict[str, IndexShard] = {}
+    with progress.task("merge", len(jobs), "index shards") as bar:
+        def record(job: tuple[str, list[str]], shard: IndexShard) -> None:
+            results[job[0]] = shard
+            bar.advance()
 
-        ray = connect(cfg.ray_address)
-        task = ray.remote(merge_shard).options(num_cpus=1, max_retries=3, retry_exceptions=[OSError, ConnectionError])
-        refs = [task.remote(cfg.index, n, ps, cfg.storage, cfg.merge_fanin, max(1, cfg.threads)) for n, ps in jobs]
-        for i in range(len(refs)):
-            ready, refs_left = ray.wait(refs, num_returns=i + 1)
-            if on_progress:
-                on_progress("merge", i + 1, len(jobs))
-        results = ray.get(refs)
-    else:
-        for i, (n, ps) in enumerate(jobs):
-            results.append(merge_shard(cfg.index, n, ps, cfg.storage, cfg.merge_fanin, cfg.threads or os.cpu_count() or 1))
-            if on_progress:
-                on_progress("merge", i + 1, len(jobs))
-    for r in results:
-        manifest["shards"].append(
-            {
-                "name": r["name"],
-                "index": f"shards/{r['name']}.index",
-                "ivfdata": f"shards/{r['name']}.ivfdata",
-                "ntotal": r["ntotal"],
-                "parts": r["parts"],
-                "index_bytes": r["index_bytes"],
-                "ivfdata_bytes": r["ivfdata_bytes"],
-                "trained_sha256": r["trained_sha256"],
-            }
-        )
-    manifest["ntotal"] = sum(s["ntotal"] for s in manifest["shards"])
-    # exact rerank can read raw fp16 side files only if every part wrote them
-    manifest["side_vectors"] = all(p.get("side_vectors", False) for p in ledger["parts"])
-    manifest["registry_version"] = reg.version
-    manifest["registered_shards"] = len(reg)
-    manifest["shard_memory_gb"] = cfg.shard_memory_gb
-    io.write_json(layout.manifest, manifest, cfg.storage)
-    log(f"manifest: {len(manifest['shards'])} index shard(s), {manifest['ntotal']:,} vectors")
+        if use_ray:
+            from pipeline.ray_util import RetryPolicy, connect, run_bounded
+
+            ray = connect(cfg.ray.address)
+            task = ray.remote(merge_shard).options(num_cpus=1)
+            run_bounded(jobs, lambda job, _actor: task.remote(p.index, job[0], job[1], cfg.merge_fanin,
+                                                              max(1, cfg.threads)),
+                        record, window=len(jobs),
+                        retry=RetryPolicy(max_attempts=4, retry_on=(OSError, ConnectionError,
+                                                                    ray.exceptions.WorkerCrashedError)))
+        else:
+            for job in jobs:
+                record(job, merge_shard(p.index, job[0], job[1], cfg.merge_fanin, cfg.threads or os.cpu_count() or 1))
+    manifest.shards.extend(results[name] for name, _ in jobs)
+    manifest.ntotal = sum(s.ntotal for s in manifest.shards)
+    manifest.side_vectors = all(part.side_vectors for part in ledger.parts)
+    manifest.registry_version = reg.version
+    manifest.registered_shards = len(reg)
+    manifest.shard_memory_gb = cfg.shard_memory_gb
+    p.index.write_manifest(manifest)  # last: what search loads
+    progress.log(f"manifest: {len(manifest.shards)} index shard(s), {manifest.ntotal:,} vectors")
     return manifest
-
-
-def expected_shards(n: int, trained: dict[str, Any], shard_memory_gb: float) -> int:
-    return max(1, math.ceil(n / shard_capacity(trained, shard_memory_gb)))

@@ -2,7 +2,7 @@
 
 Two sources, same answer:
 
-* ``SideFileVectors``: ``{index}/vectors/{number:09d}.f16`` (written by add), row-major fp16;
+* ``SideFileVectors``: the index folder's fp16 side files (written by add), row-major;
   one vector is ``dim * 2`` bytes at offset ``row * dim * 2``, so a candidate costs one small
   ranged read (neighbouring rows are coalesced; all ranges go out in one batched call).
 * ``ParquetVectors``: the embedding Parquet rows themselves (via the registry), reading only
@@ -12,13 +12,12 @@ docs/BENCHMARKS.md measures both per 1,000 candidates.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from pipeline import io
-from pipeline.index.manifest import Layout
 from pipeline.index.registry import Registry, decode_ids, fetch_rows
+from pipeline.layout.index import IndexFolder, Manifest
 
 
 class VectorSource(Protocol):
@@ -29,10 +28,9 @@ class VectorSource(Protocol):
 
 
 class SideFileVectors:
-    def __init__(self, index_url: str, dim: int, storage: io.Storage | None = None, max_gap_rows: int = 4):
-        self.layout = Layout(index_url)
+    def __init__(self, index: IndexFolder, dim: int, max_gap_rows: int = 4):
+        self.index = index
         self.dim = int(dim)
-        self.storage = storage
         self.max_gap_rows = max_gap_rows
         self.bytes_read = 0
         self.requests = 0
@@ -45,14 +43,11 @@ class SideFileVectors:
         shards, rows = decode_ids(ids)
         vb = self.dim * 2
         paths, starts, ends, spans = [], [], [], []
-        fs = None
+        fs = self.index.fs
         for s in np.unique(shards):
             sel = np.nonzero(shards == s)[0]
             order = sel[np.argsort(rows[sel], kind="stable")]
-            url = self.layout.vectors(int(s))
-            if fs is None:
-                fs, _ = io.filesystem(url, self.storage)
-            path = io.filesystem(url, self.storage)[1]
+            path = self.index.fs_path(self.index.vectors_rel(int(s)))
             run = [order[0]]
             for j in order[1:]:
                 if rows[j] - rows[run[-1]] <= self.max_gap_rows:
@@ -78,17 +73,16 @@ class SideFileVectors:
 
 
 class ParquetVectors:
-    def __init__(self, registry: Registry, dim: int, storage: io.Storage | None = None, threads: int = 8):
+    def __init__(self, registry: Registry, dim: int, threads: int = 8):
         self.registry = registry
         self.dim = int(dim)
-        self.storage = storage
         self.threads = threads
 
     def fetch(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) == 0:
             return np.zeros((0, self.dim), np.float32)
-        table = fetch_rows(ids, self.registry, self.storage, columns=["embedding"], threads=self.threads)
+        table = fetch_rows(ids, self.registry, columns=["embedding"], threads=self.threads)
         col = table.column("embedding").combine_chunks()
         # .values keeps the slots of null rows (flatten() would drop them and misalign)
         flat = col.values.to_numpy(zero_copy_only=False)[col.offset * self.dim : (col.offset + len(col)) * self.dim]
@@ -136,11 +130,11 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean(hits) / k)
 
 
-def source_for(index_url: str, manifest: dict[str, Any], storage: io.Storage | None = None, kind: str = "auto") -> VectorSource:
+def source_for(index: IndexFolder, manifest: Manifest, kind: str = "auto") -> VectorSource:
     """The vector source for exact rerank: ``side`` files (cheapest; when add wrote them, which
     ``auto`` reads from the manifest) or the embedding ``parquet`` rows."""
     if kind == "auto":
-        kind = "side" if manifest.get("side_vectors", True) else "parquet"
+        kind = "side" if manifest.side_vectors else "parquet"
     if kind == "side":
-        return SideFileVectors(index_url, manifest["dim"], storage)
-    return ParquetVectors(Registry.load(index_url, storage), manifest["dim"], storage)
+        return SideFileVectors(index, manifest.dim)
+    return ParquetVectors(Registry.load(index), manifest.dim)

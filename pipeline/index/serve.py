@@ -8,15 +8,13 @@ shards are searched in this process with the same merge, so both give the same a
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
 import numpy as np
 
-from pipeline import io
 from pipeline.errors import ConfigError, MismatchError
-from pipeline.index.manifest import check_manifest, read_manifest
+from pipeline.layout.index import IndexFolder, IndexShard
 
 CACHE_ENV = "REPLICA_INDEX_CACHE"
 
@@ -49,31 +47,19 @@ def set_search_params(index: Any, nprobe: int) -> None:
         quant.hnsw.efSearch = max(int(nprobe) * 2, 64)
 
 
-def local_shard_path(index_url: str, shard: dict[str, Any], storage: io.Storage | None = None, cache_dir: str | None = None) -> str:
-    """Path of the shard's .index on local disk (copied with its .ivfdata if remote)."""
-    idx_url = io.join(index_url, shard["index"])
-    if io.is_local(idx_url):
-        return idx_url.removeprefix("file://")
+def local_shard_path(index: IndexFolder, shard: IndexShard, cache_dir: str | None = None) -> str:
+    """Path of the shard's .index on local disk (copied, with its .ivfdata beside it, when remote)."""
     cache = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "replica-index")
-    key = hashlib.sha1(f"{index_url}|{shard['name']}|{shard['trained_sha256']}|{shard['ntotal']}".encode()).hexdigest()[:16]
-    folder = os.path.join(cache, key)
-    dest = os.path.join(folder, f"{shard['name']}.index")
-    if not os.path.exists(dest):
-        os.makedirs(folder, exist_ok=True)
-        fs, _ = io.filesystem(idx_url, storage)
-        for rel, final in ((shard["ivfdata"], f"{shard['name']}.ivfdata"), (shard["index"], f"{shard['name']}.index")):
-            _, path = io.filesystem(io.join(index_url, rel), storage)
-            tmp = os.path.join(folder, f".tmp-{final}")
-            fs.get_file(path, tmp)
-            os.replace(tmp, os.path.join(folder, final))
-    return dest
+    key = f"{shard.name}|{shard.trained_sha256}|{shard.ntotal}"
+    index.local_copy(shard.ivfdata, cache, key)  # the data file first: the index file names it
+    return index.local_copy(shard.index, cache, key)
 
 
 class ShardSet:
     """Some index shards searched in one process; the body of a search actor."""
 
-    def __init__(self, index_url: str, shards: list[dict[str, Any]], metric: str, storage: io.Storage | None = None,
-                 threads: int = 0, cache_dir: str | None = None):
+    def __init__(self, index: IndexFolder, shards: list[IndexShard], metric: str, threads: int = 0,
+                 cache_dir: str | None = None):
         import faiss
 
         from pipeline.index.merge import read_ondisk
@@ -81,11 +67,11 @@ class ShardSet:
         if threads:
             faiss.omp_set_num_threads(int(threads))
         self.metric = metric
-        self.names = [s["name"] for s in shards]
-        self.indexes = [read_ondisk(local_shard_path(index_url, s, storage, cache_dir)) for s in shards]
+        self.names = [s.name for s in shards]
+        self.indexes = [read_ondisk(local_shard_path(index, s, cache_dir)) for s in shards]
         for s, idx in zip(shards, self.indexes):
-            if idx.ntotal != s["ntotal"]:
-                raise MismatchError(f"index shard {s['name']} holds {idx.ntotal} vectors, the manifest says {s['ntotal']}")
+            if idx.ntotal != s.ntotal:
+                raise MismatchError(f"index shard {s.name} holds {idx.ntotal} vectors, the manifest says {s.ntotal}")
 
     def ntotal(self) -> int:
         return int(sum(i.ntotal for i in self.indexes))
@@ -101,7 +87,7 @@ class ShardSet:
 
 
 class IndexSearcher:
-    """Search a built index: ``IndexSearcher(index_url).search(queries, k)``.
+    """Search a built index: ``IndexSearcher(IndexFolder(url)).search(queries, k)``.
 
     ``identity`` (the query embedder's identity dict) is checked against the manifest;
     queries of another dim are refused. ``use_ray`` puts the shards in Ray actors
@@ -110,8 +96,7 @@ class IndexSearcher:
 
     def __init__(
         self,
-        index_url: str,
-        storage: io.Storage | None = None,
+        index: IndexFolder,
         *,
         identity: dict[str, Any] | None = None,
         nprobe: int = 64,
@@ -122,17 +107,16 @@ class IndexSearcher:
         ray_address: str | None = None,
         cache_dir: str | None = None,
     ):
-        self.index_url = index_url
-        self.storage = storage
-        self.manifest = read_manifest(index_url, storage)
-        check_manifest(self.manifest, identity=identity, where=f"index {index_url!r}")
-        if not self.manifest["shards"]:
-            raise ConfigError(f"index {index_url!r} has no index shards yet: run `replica index merge`")
-        self.dim = int(self.manifest["dim"])
-        self.metric = self.manifest["metric"]
+        self.index = index
+        self.manifest = index.read_manifest()
+        self.manifest.check(identity=identity, where=f"index {index.url!r}")
+        if not self.manifest.shards:
+            raise ConfigError(f"index {index.url!r} has no index shards yet: run `replica index merge`")
+        self.dim = int(self.manifest.dim)
+        self.metric = self.manifest.metric
         self.nprobe = nprobe
-        self.ntotal = int(self.manifest["ntotal"])
-        shards = self.manifest["shards"]
+        self.ntotal = int(self.manifest.ntotal)
+        shards = self.manifest.shards
         self._actors: list[Any] = []
         self._local: ShardSet | None = None
         if use_ray:
@@ -143,14 +127,12 @@ class IndexSearcher:
             n = min(n, len(shards))
             actor_cls = ray.remote(ShardSet).options(num_cpus=cpus_per_actor)
             per = int(threads or max(1, cpus_per_actor))
-            self._actors = [
-                actor_cls.remote(index_url, shards[a::n], self.metric, storage, per, cache_dir) for a in range(n)
-            ]
+            self._actors = [actor_cls.remote(index, shards[a::n], self.metric, per, cache_dir) for a in range(n)]
             counts = ray.get([a.ntotal.remote() for a in self._actors])
             if sum(counts) != self.ntotal:
                 raise MismatchError(f"actors hold {sum(counts)} vectors, the manifest says {self.ntotal}")
         else:
-            self._local = ShardSet(index_url, shards, self.metric, storage, threads, cache_dir)
+            self._local = ShardSet(index, shards, self.metric, threads, cache_dir)
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(n, d) float32 queries -> (scores (n, k) float32, ids (n, k) int64); id -1 = no result."""

@@ -1,0 +1,298 @@
+"""A results folder: one hive partition per search run, and the files of one run.
+
+```
+{results}/run_id={run_id}/run.json          RunRecord, written by search after its tables
+{results}/run_id={run_id}/queries.parquet   one row per generated image
+{results}/run_id={run_id}/matches.parquet   one row per query x rank
+{results}/run_id={run_id}/baseline.parquet  the corpus self-similarity sample
+{results}/run_id={run_id}/histogram.png     written by report
+{results}/run_id={run_id}/report.html       written by report: the self-contained gallery
+{results}/run_id={run_id}/summary.json      RunSummary, written last by report
+```
+
+Column meanings are in docs/RESULTS.md; every Parquet file carries ``run_id`` as a column too,
+so one file read on its own says which run it belongs to.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError, MismatchError
+from pipeline.storage import Folder, basename
+
+RUN_PREFIX = "run_id="
+RUN_JSON = "run.json"
+QUERIES = "queries.parquet"
+MATCHES = "matches.parquet"
+BASELINE = "baseline.parquet"
+SUMMARY = "summary.json"
+HISTOGRAM = "histogram.png"
+GALLERY = "report.html"
+
+#: A box ``[x0, y0, x1, y1]`` in pixels of the image it refers to (x1/y1 exclusive).
+BOX = pa.list_(pa.int32(), 4)
+
+
+def matches_schema() -> pa.Schema:
+    """``matches.parquet``: one row per query x rank (rank 1 = best)."""
+    return pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("query_key", pa.string(), nullable=False),
+            pa.field("prompt", pa.string()),
+            pa.field("rank", pa.int32(), nullable=False),
+            # The matched training image, as recorded in its embedding shard.
+            pa.field("match_key", pa.string(), nullable=False),
+            pa.field("shard", pa.string()),
+            pa.field("row", pa.int32()),
+            pa.field("url", pa.string()),
+            pa.field("caption", pa.string()),
+            pa.field("tar_url", pa.string()),
+            pa.field("tar_offset", pa.int64()),
+            pa.field("tar_size", pa.int64()),
+            # Scores: ANN estimate, exact cosine on stored vectors, optional second descriptor,
+            # and the final score that thresholds apply to.
+            pa.field("score_index", pa.float32()),
+            pa.field("score_exact", pa.float32()),
+            pa.field("score_rerank", pa.float32()),
+            pa.field("score", pa.float32(), nullable=False),
+            # Which query region matched, and where it lies in the query.
+            pa.field("region", pa.int32()),
+            pa.field("region_box", BOX),
+            pa.field("in_subset", pa.bool_()),
+            # Local-feature verification (null when not run for this match).
+            pa.field("inliers", pa.int32()),
+            pa.field("verify_score", pa.float32()),
+            pa.field("query_box", BOX),
+            pa.field("match_box", BOX),
+            # Near-duplicate group of the matched image and how many training copies it has.
+            pa.field("dup_group", pa.string()),
+            pa.field("dup_group_size", pa.int32()),
+            pa.field("embedder", pa.string()),
+            pa.field("preprocess", pa.string()),
+        ]
+    )
+
+
+def queries_schema() -> pa.Schema:
+    """``queries.parquet``: one row per query (generated image)."""
+    return pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("query_key", pa.string(), nullable=False),
+            pa.field("prompt", pa.string()),
+            pa.field("source", pa.string()),
+            # JPEG, longest side about 256 px: the gallery needs nothing else to show the query.
+            pa.field("thumbnail", pa.binary()),
+            pa.field("width", pa.int32()),
+            pa.field("height", pa.int32()),
+            # Null when the query had no match at all (e.g. everything blocklisted).
+            pa.field("best_score", pa.float32()),
+            pa.field("best_match_key", pa.string()),
+            pa.field("best_score_in_subset", pa.float32()),
+            pa.field("best_score_outside_subset", pa.float32()),
+            pa.field("replicated", pa.bool_()),
+            pa.field("copy_outside_subset_only", pa.bool_()),
+        ]
+    )
+
+
+def baseline_schema() -> pa.Schema:
+    """``baseline.parquet``: the corpus self-similarity, one row per sampled training image."""
+    return pa.schema(
+        [
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("sample_key", pa.string(), nullable=False),
+            # Best match excluding the sample itself.
+            pa.field("top1_score", pa.float32()),
+            pa.field("top1_key", pa.string()),
+            # Best match excluding the sample itself and its near-duplicates.
+            pa.field("top1_score_no_dups", pa.float32()),
+            pa.field("near_dup_count", pa.int32()),
+        ]
+    )
+
+
+TABLE_SCHEMAS = {QUERIES: queries_schema, MATCHES: matches_schema, BASELINE: baseline_schema}
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass
+class RunRecord:
+    """``run.json``: what a search run was asked, what it used and what it covered."""
+
+    run_id: str
+    created_at: str | None = None
+    seconds: float | None = None
+    queries: int | None = None
+    #: identity of the descriptor that made `score_exact`
+    embedder: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    rerank: dict[str, Any] | None = None
+    verify: dict[str, Any] | None = None
+    #: {"replication": 0.5, "duplicate": 0.95, "calibrated": ...}
+    thresholds: dict[str, float | None] = field(default_factory=dict)
+    fpr: float | None = None
+    index: dict[str, Any] = field(default_factory=dict)
+    coverage: dict[str, Any] = field(default_factory=dict)
+    blocklist: dict[str, Any] | None = None
+    subset: dict[str, Any] | None = None
+    pixels_fetched: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RunRecord":
+        if not isinstance(d, dict):
+            raise MismatchError("run.json must hold a JSON object")
+        return cls(**_known(cls, {**d, "run_id": str(d.get("run_id") or "")}))
+
+
+@dataclass
+class RunSummary:
+    """``summary.json``: the report's figures (definitions in docs/RESULTS.md)."""
+
+    run_id: str
+    run_url: str
+    created_at: str | None
+    reported_at: str
+    embedder: dict[str, Any]
+    rerank: dict[str, Any] | None
+    verify: dict[str, Any] | None
+    thresholds: dict[str, float]
+    fpr: float
+    calibration: dict[str, Any] | None
+    queries: dict[str, Any]
+    replication: dict[str, Any]
+    baseline: dict[str, Any] | None
+    coverage: dict[str, Any]
+    index: dict[str, Any]
+    blocklist: dict[str, Any] | None
+    subset: dict[str, Any] | None
+    warnings: list[str]
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RunSummary":
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class RunData:
+    """One run folder read back and checked against the schemas."""
+
+    url: str
+    run: RunRecord
+    queries: pa.Table
+    matches: pa.Table
+    baseline: pa.Table | None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+
+def check_run_id(run_id: str) -> None:
+    if not run_id or "/" in run_id or "=" in run_id:
+        raise ConfigError(f"run_id {run_id!r} must be non-empty and may not contain '/' or '='")
+
+
+class RunFolder(Folder):
+    """``{results}/run_id={run_id}/``: the files of one run."""
+
+    @property
+    def run_id(self) -> str | None:
+        """The run id the folder's name gives, when it is a hive partition."""
+        name = basename(self.url)
+        return name[len(RUN_PREFIX):] if name.startswith(RUN_PREFIX) else None
+
+    def file_url(self, name: str) -> str:
+        return self.child(name)
+
+    # -- writing ----------------------------------------------------------------------------
+    def write_table(self, name: str, rows: list[dict[str, Any]] | dict[str, list]) -> None:
+        """Write one of the run's tables (rows as dicts, or columns) in its schema."""
+        schema = TABLE_SCHEMAS[name]()
+        table = pa.Table.from_pydict(rows, schema=schema) if isinstance(rows, dict) else pa.Table.from_pylist(rows, schema=schema)
+        with self.atomic(name) as f:
+            pq.write_table(table, f)
+
+    def write_record(self, record: RunRecord) -> None:
+        self.write_json(RUN_JSON, record.to_json())
+
+    def write_report(self, histogram_png: bytes, gallery_html: str, summary: RunSummary) -> None:
+        """Histogram and gallery, then the summary last: its presence says the report is complete."""
+        summary.outputs = {name: self.child(name) for name in (HISTOGRAM, GALLERY, SUMMARY)}
+        self.write_bytes(HISTOGRAM, histogram_png)
+        self.write_bytes(GALLERY, gallery_html.encode("utf-8"))
+        self.write_json(SUMMARY, summary.to_json())
+
+    # -- reading ----------------------------------------------------------------------------
+    def read_record(self) -> RunRecord:
+        if not self.exists(RUN_JSON):
+            raise ConfigError(f"{self.child(RUN_JSON)} does not exist: give the run directory ({{results}}/run_id={{run_id}})")
+        return RunRecord.from_json(self.read_json(RUN_JSON))
+
+    def read_summary(self) -> RunSummary:
+        if not self.exists(SUMMARY):
+            raise ConfigError(f"{self.child(SUMMARY)} does not exist: run `replica report --run {self.url}` first")
+        return RunSummary.from_json(self.read_json(SUMMARY))
+
+    def read_table(self, name: str, required: bool = True) -> pa.Table | None:
+        """One table, checked against (and cast to) its schema; extra columns of newer versions are dropped."""
+        schema = TABLE_SCHEMAS[name]()
+        if not self.exists(name):
+            if required:
+                raise ConfigError(f"{self.child(name)} does not exist: is this a run directory written by `replica search`?")
+            return None
+        # A file object, not a path: pyarrow would otherwise add run_id from the hive directory name.
+        with self.open(name) as f:
+            table = pq.read_table(f)
+        missing = [n for n in schema.names if n not in table.column_names]
+        if missing:
+            raise MismatchError(f"{self.child(name)} lacks column(s) {', '.join(missing)}: "
+                                "not written with this version's schema (see docs/RESULTS.md)")
+        try:
+            return table.select(schema.names).cast(schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise MismatchError(f"{self.child(name)} does not fit its schema (see docs/RESULTS.md): {exc}") from exc
+
+    def load(self) -> RunData:
+        """The whole run, with its run id checked against the folder name and every table."""
+        data = RunData(url=self.url, run=self.read_record(), queries=self.read_table(QUERIES),
+                       matches=self.read_table(MATCHES), baseline=self.read_table(BASELINE, required=False))
+        named = self.run_id
+        if named is not None and data.run_id and named != data.run_id:
+            raise MismatchError(f"{self.url} is named for run {named!r} but its run.json says {data.run_id!r}:"
+                                " hive readers would attribute its rows to the wrong run")
+        for name, table in ((QUERIES, data.queries), (MATCHES, data.matches), (BASELINE, data.baseline)):
+            if table is None or not data.run_id:
+                continue
+            ids = set(table.column("run_id").to_pylist())
+            if ids - {data.run_id}:
+                raise MismatchError(f"{self.child(name)} holds run_id {sorted(ids - {data.run_id})} but run.json "
+                                    f"says {data.run_id!r}: files of different runs are mixed in one directory")
+        return data
+
+
+class ResultsFolder(Folder):
+    """``{results}/``: one ``run_id=...`` partition per run."""
+
+    def run(self, run_id: str) -> RunFolder:
+        check_run_id(run_id)
+        return RunFolder(self.child(f"{RUN_PREFIX}{run_id}"), self.storage)
+
+    def run_ids(self) -> list[str]:
+        return [n[len(RUN_PREFIX):] for n in self.names(f"{RUN_PREFIX}*")]

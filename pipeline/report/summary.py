@@ -1,0 +1,177 @@
+"""``summary.json``: every figure of a run, computed from its tables (definitions in docs/RESULTS.md)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from pipeline.layout.runs import BASELINE, RUN_JSON, RunData, RunSummary
+from pipeline.report.stats import at_least, calibrate_threshold, exceedance_rate, finite, proportion, score_stats
+
+#: The paper's thresholds (SSCD descriptor), used when run.json does not name its own.
+DEFAULT_THRESHOLDS = {"replication": 0.5, "duplicate": 0.95}
+DEFAULT_FPR = 0.01
+
+LOWER_BOUND_NOTE = (
+    "Measured replication rates are lower bounds: only the indexed vectors were searched "
+    "(samples that failed to download, decode or embed are missing), and the approximate "
+    "index finds a true nearest neighbour with the estimated recall, not always."
+)
+
+
+def _thresholds(run: dict[str, Any], warnings: list[str]) -> dict[str, float]:
+    given = run.get("thresholds") or {}
+    out = {}
+    for name, default in DEFAULT_THRESHOLDS.items():
+        if given.get(name) is None:
+            warnings.append(f"{RUN_JSON} names no {name} threshold; using the paper's {default}")
+            out[name] = float(default)
+        else:
+            out[name] = float(given[name])
+    for name, value in given.items():
+        if name not in out and value is not None:
+            out[str(name)] = float(value)
+    return out
+
+
+def summarize(data: RunData) -> RunSummary:
+    """Every figure of ``summary.json``, computed from the loaded run."""
+    run = data.run.to_json()
+    warnings: list[str] = []
+    thresholds = _thresholds(run, warnings)
+    fpr = float(run.get("fpr") if run.get("fpr") is not None else DEFAULT_FPR)
+
+    q = data.queries
+    best = q.column("best_score").to_pylist()
+    best_in = q.column("best_score_in_subset").to_pylist()
+    best_out = q.column("best_score_outside_subset").to_pylist()
+
+    baseline: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    b_top1: list[float | None] = []
+    b_nodup: list[float | None] = []
+    if data.baseline is not None and data.baseline.num_rows:
+        b_top1 = data.baseline.column("top1_score").to_pylist()
+        b_nodup = data.baseline.column("top1_score_no_dups").to_pylist()
+        near = finite(data.baseline.column("near_dup_count").to_pylist())
+        baseline = {
+            "samples": data.baseline.num_rows,
+            "top1": score_stats(b_top1),
+            "top1_no_dups": score_stats(b_nodup),
+            "samples_with_near_duplicates": int((near > 0).sum()),
+            "near_dup_count_mean": float(near.mean()) if len(near) else None,
+        }
+        if len(finite(b_nodup)):
+            t = calibrate_threshold(b_nodup, fpr)
+            n_cal = len(finite(b_nodup))
+            calibration = {
+                "fpr_target": fpr,
+                "threshold": t,
+                "implied_fpr": exceedance_rate(b_nodup, t),
+                "baseline_samples": n_cal,
+                "method": "smallest baseline top1_score_no_dups value t with share(score >= t) <= fpr",
+            }
+            if n_cal * fpr < 10:
+                warnings.append(
+                    f"the calibrated threshold rests on {n_cal} baseline samples, fewer than 10/fpr = {10 / fpr:.0f}:"
+                    " sample more of the corpus for a stable estimate"
+                )
+        else:
+            warnings.append(f"{BASELINE} has no top1_score_no_dups values: no calibrated threshold")
+    else:
+        warnings.append(f"no {BASELINE} in the run: no calibrated threshold and no false-positive rates")
+    if calibration is not None:
+        thresholds["calibrated"] = calibration["threshold"]
+
+    replication: dict[str, Any] = {}
+    for name, t in thresholds.items():
+        hit_in, hit_out = at_least(best_in, t), at_least(best_out, t)
+        entry: dict[str, Any] = {
+            "threshold": t,
+            "all": proportion(at_least(best, t)),
+            "in_subset": proportion(hit_in),
+            "outside_subset": proportion(hit_out),
+            "outside_subset_only": proportion(hit_out & ~hit_in),
+        }
+        if baseline is not None:
+            entry["baseline_fpr"] = proportion(at_least(b_nodup, t)) if len(finite(b_nodup)) else None
+            entry["baseline_fpr_with_dups"] = proportion(at_least(b_top1, t)) if len(finite(b_top1)) else None
+            baseline.setdefault("rates", {})[name] = {
+                "threshold": t,
+                "top1": entry["baseline_fpr_with_dups"],
+                "top1_no_dups": entry["baseline_fpr"],
+            }
+        replication[name] = entry
+
+    if data.matches.num_rows:
+        dup_sizes = finite(data.matches.column("dup_group_size").to_pylist())
+    else:
+        dup_sizes = np.zeros(0)
+    queries = {
+        "count": q.num_rows,
+        "with_matches": int(sum(s is not None for s in best)),
+        "top1": {"all": score_stats(best), "in_subset": score_stats(best_in), "outside_subset": score_stats(best_out)},
+        "near_duplicates": int(at_least(best, thresholds["duplicate"]).sum()),
+        "near_duplicates_in_subset": int(at_least(best_in, thresholds["duplicate"]).sum()),
+        "near_duplicates_outside_subset": int(at_least(best_out, thresholds["duplicate"]).sum()),
+        "matched_images_with_training_copies": int((dup_sizes > 1).sum()),
+    }
+
+    embedder = run.get("embedder") or {}
+    embedder_name = (
+        str(embedder.get("embedder") or embedder.get("name") or "") if isinstance(embedder, dict) else str(embedder)
+    )
+    if "sscd" not in embedder_name.lower():
+        warnings.append(
+            f"the paper's thresholds (0.5, 0.95) are meaningful for SSCD descriptors; this run used "
+            f"{embedder_name or 'an unnamed embedder'}: read rates at the calibrated threshold"
+        )
+
+    coverage = dict(run.get("coverage") or {})
+    attempted, indexed = coverage.get("samples_attempted"), coverage.get("vectors_indexed")
+    coverage["indexed_fraction"] = (indexed / attempted) if attempted and indexed is not None else None
+    coverage["lower_bound"] = True
+    coverage["note"] = LOWER_BOUND_NOTE
+    index = dict(run.get("index") or {})
+    if index.get("estimated_recall") is None:
+        warnings.append(f"{RUN_JSON} gives no estimated index recall: the search's miss rate is unknown")
+
+    return RunSummary(
+        run_id=data.run_id,
+        run_url=data.url,
+        created_at=run.get("created_at"),
+        reported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        embedder=embedder,
+        rerank=run.get("rerank"),
+        verify=run.get("verify"),
+        thresholds=thresholds,
+        fpr=fpr,
+        calibration=calibration,
+        queries=queries,
+        replication=replication,
+        baseline=baseline,
+        coverage=coverage,
+        index=index,
+        blocklist=run.get("blocklist"),
+        subset=run.get("subset"),
+        warnings=warnings,
+    )
+
+
+def summary_lines(summary: RunSummary) -> list[str]:
+    """The headline figures of a summary, as the CLI prints them."""
+    q = summary.queries
+    lines = [f"run {summary.run_id}: {q['count']} queries"]
+    for name, entry in summary.replication.items():
+        r = entry["all"]
+        if r["rate"] is None:
+            continue
+        lo, hi = r["ci95"]
+        lines.append(
+            f"  {name:<12} >= {entry['threshold']:.3f}: {100 * r['rate']:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]"
+            f" ({r['count']}/{r['n']}), copy only outside subset {100 * entry['outside_subset_only']['rate']:.2f}%"
+        )
+    lines.extend(f"  warning: {w}" for w in summary.warnings)
+    lines.extend(f"  wrote {url}" for url in summary.outputs.values())
+    return lines

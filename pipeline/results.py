@@ -1,0 +1,117 @@
+"""A finished search as the run's tables and record (files named by pipeline/layout/runs.py).
+
+``matches`` holds one row per query x rank, ``queries`` one row per generated image (with a
+small JPEG thumbnail, so the gallery needs nothing else to show it), ``baseline`` the corpus
+self-similarity sample; ``run.json`` records what the run was asked, used and covered.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import to_dict
+from pipeline.layout.runs import BASELINE, MATCHES, QUERIES, RunRecord
+
+if TYPE_CHECKING:
+    from pipeline.search import Candidate, SearchPlan
+
+
+def in_subset(row: dict[str, Any], subset: set[str] | None) -> bool | None:
+    if subset is None:
+        return None
+    return row.get("key") in subset or row.get("url") in subset
+
+
+def thumbnail(image, side: int = 256) -> bytes:
+    thumb = image.copy()
+    thumb.thumbnail((side, side))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def write_results(plan: "SearchPlan", queries, picks: list[list["Candidate"]], groups, boxes, baseline,
+                  identity: dict[str, Any], subset: set[str] | None, registry) -> None:
+    """Write ``matches``, ``queries`` and ``baseline`` of one run."""
+    from pipeline.search import rows_by_id
+
+    cfg, run_id = plan.cfg, plan.run_id
+    tau = cfg.replication_threshold
+    id_keys = {i: r["key"] for i, r in
+               rows_by_id(sorted({n for pairs in groups.values() for _, n in pairs}), registry, ["key"]).items()}
+    m_rows, q_rows = [], []
+    for q, cands in zip(queries, picks):
+        for rank, c in enumerate(cands, start=1):
+            (shard, row), = registry.shard_rows([c.id])
+            dup_ids = sorted({n for s, n in groups.get(c.id, []) if s >= cfg.duplicate_threshold} | {c.id})
+            m_rows.append({
+                "run_id": run_id, "query_key": q.key, "prompt": q.prompt, "rank": rank,
+                "match_key": c.row["key"], "shard": shard, "row": row,
+                "url": c.row["url"], "caption": c.row["caption"], "tar_url": c.row["tar_url"],
+                "tar_offset": c.row["tar_offset"], "tar_size": c.row["tar_size"],
+                "score_index": c.score_index, "score_exact": c.score_exact, "score_rerank": c.score_rerank,
+                "score": c.score, "region": c.region, "region_box": list(boxes[c.region]),
+                "in_subset": in_subset(c.row, subset), "inliers": c.inliers, "verify_score": c.verify_score,
+                "query_box": list(c.query_box) if c.query_box else None,
+                "match_box": list(c.match_box) if c.match_box else None,
+                "dup_group": id_keys.get(dup_ids[0], c.row["key"]), "dup_group_size": len(dup_ids),
+                "embedder": identity["embedder"] + ":" + identity["model"], "preprocess": identity["preprocess"],
+            })
+        inside = [c.score for c in cands if in_subset(c.row, subset)]
+        outside = [c.score for c in cands if subset is not None and not in_subset(c.row, subset)]
+        best = cands[0] if cands else None
+        best_score = max((c.score for c in cands), default=None)
+        q_rows.append({
+            "run_id": run_id, "query_key": q.key, "prompt": q.prompt, "source": q.source,
+            "thumbnail": thumbnail(q.image), "width": q.image.width, "height": q.image.height,
+            "best_score": best_score, "best_match_key": best.row["key"] if best else None,
+            "best_score_in_subset": max(inside, default=None),
+            "best_score_outside_subset": max(outside, default=None),
+            "replicated": bool(best_score is not None and best_score >= tau),
+            "copy_outside_subset_only": bool(outside and max(outside) >= tau and max(inside, default=-1) < tau),
+        })
+    plan.run.write_table(MATCHES, m_rows)
+    plan.run.write_table(QUERIES, q_rows)
+    plan.run.write_table(BASELINE, baseline)
+
+
+def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, counters: dict[str, int],
+               blocklist: set[str], subset: set[str] | None, calibrated: float | None, self_recall: float | None,
+               nprobe: int, seconds: float) -> RunRecord:
+    """``run.json``: settings, thresholds, index and coverage of one run."""
+    from pipeline.layout.embeddings import EmbeddingsFolder
+
+    cfg, manifest = plan.cfg, plan.manifest
+    folder = EmbeddingsFolder(manifest.embeddings, plan.index.storage)
+    attempted, failures = 0, {}
+    for name in folder.complete_shards():
+        stats = folder.read_stats(name)
+        attempted += int(stats.seen)
+        for k, v in stats.failed.items():
+            failures[k] = failures.get(k, 0) + int(v)
+    settings = to_dict(cfg)
+    settings["run_id"] = plan.run_id
+    settings["nprobe"] = nprobe
+    settings["embedder"] = to_dict(plan.embedder)
+    return RunRecord(
+        run_id=plan.run_id,
+        created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        seconds=round(seconds, 2),
+        queries=n_queries,
+        embedder=identity,
+        settings=settings,
+        rerank={"embedder": cfg.rerank.name or None, "top": cfg.rerank_top if cfg.rerank.name else 0},
+        verify={"top": cfg.verify_top},
+        thresholds={"replication": cfg.replication_threshold, "duplicate": cfg.duplicate_threshold,
+                    "calibrated": calibrated},
+        fpr=cfg.fpr,
+        index={"url": cfg.index, "factory": manifest.factory, "ntotal": manifest.ntotal, "nprobe": nprobe,
+               "estimated_recall": self_recall,
+               "estimated_recall_method": "share of baseline corpus vectors retrieved as themselves "
+                                          "within the candidates, after exact rerank"},
+        coverage={"samples_attempted": attempted, "vectors_indexed": manifest.ntotal, "failures_by_reason": failures},
+        blocklist={"entries": len(blocklist), "dropped_matches": counters["blocked"]},
+        subset={"source": cfg.subset, "size": len(subset) if subset is not None else None},
+        pixels_fetched=counters["pixels_fetched"],
+    )
