@@ -84,8 +84,22 @@ class EmbedConfig:
     gpus_per_actor: float = -1
     #: CPUs reserved per embedding actor
     cpus_per_actor: float = 1
-    #: input tars decoded at once; 0 = the cluster's CPU count
+    #: input tars decoded at once; 0 = the cluster's CPUs, followed as the cluster grows or shrinks
     max_tars_in_flight: int = 0
+    #: attempts per tar before it is recorded as failed (infrastructure errors only; bad data is rows)
+    shard_attempts: int = 4
+    #: image members larger than this become an error row without being read into memory
+    max_member_bytes: int = 64 << 20
+    #: end with exit code 3 when more than this share of the images seen failed (decode, read, embed)
+    max_failed_fraction: float = 0.01
+    #: end with exit code 3 when more than this many tars are damaged (a truncated or unreadable tar)
+    max_failed_shards: int = 0
+    #: redo only the tars recorded as failed by an earlier run
+    retry_failed: bool = False
+    #: take over the output's lock when its holder's heartbeat is older than lock_stale_after_s
+    break_lock: bool = False
+    #: seconds without a heartbeat after which a lock is stale (its run is presumed dead)
+    lock_stale_after_s: float = 600
 
 
 @dataclass
@@ -136,6 +150,10 @@ class IndexConfig:
     num_actors: int = 0
     #: faiss threads per search actor / driver step; 0 = all cores
     threads: int = 0
+    #: take over the index's lock when its holder's heartbeat is older than lock_stale_after_s
+    break_lock: bool = False
+    #: seconds without a heartbeat after which a lock is stale (its run is presumed dead)
+    lock_stale_after_s: float = 600
 
 
 @dataclass
@@ -169,6 +187,12 @@ class ImportConfig:
     url_column: str = "url"
     #: metadata column holding the caption
     caption_column: str = "caption"
+    #: end with exit code 3 when more than this share of the vectors is unusable (non-finite)
+    max_failed_fraction: float = 0.01
+    #: take over the output's lock when its holder's heartbeat is older than lock_stale_after_s
+    break_lock: bool = False
+    #: seconds without a heartbeat after which a lock is stale (its run is presumed dead)
+    lock_stale_after_s: float = 600
 
 
 @dataclass
@@ -217,6 +241,10 @@ class SearchConfig:
     dup_neighbours: int = 50
     #: seed of the baseline sample
     seed: int = 0
+    #: take over the run folder's lock when its holder's heartbeat is older than lock_stale_after_s
+    break_lock: bool = False
+    #: seconds without a heartbeat after which a lock is stale (its run is presumed dead)
+    lock_stale_after_s: float = 600
 
 
 @dataclass

@@ -31,9 +31,9 @@ import numpy as np
 
 from pipeline.config import EmbedConfig, EmbedderConfig, to_dict
 from pipeline.embedders import build_embedder, build_preprocessor, validate
-from pipeline.errors import ConfigError, ReplicaError
+from pipeline.errors import ConfigError, ReplicaError, RunIncomplete, TooManyFailures
 from pipeline.layout import embeddings as emb
-from pipeline.layout.embeddings import EmbeddingsFolder, EmbeddingsInfo, ShardStats
+from pipeline.layout.embeddings import EmbeddingsFolder, EmbeddingsInfo, FailureRecord, ShardStats
 from pipeline.progress import NullProgress, Progress
 from pipeline.storage import expand_inputs, missing_files
 from pipeline.tars import Sample, TarReadResult, iter_samples, shard_name
@@ -58,8 +58,11 @@ def plan(cfg: EmbedConfig) -> EmbedPlan:
         raise ConfigError("no input given: pass --input with tar URLs, a glob or a brace list")
     if not cfg.output:
         raise ConfigError("no output given: pass --output with a folder URL for the embeddings")
-    if cfg.batch_size < 1 or cfg.row_group_size < 1:
-        raise ConfigError("batch_size and row_group_size must be >= 1")
+    for name in ("batch_size", "row_group_size", "shard_attempts", "max_member_bytes"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 <= cfg.max_failed_fraction <= 1 or cfg.max_failed_shards < 0:
+        raise ConfigError("max_failed_fraction must lie in [0, 1] and max_failed_shards be >= 0")
     validate(cfg.embedder, cfg.s3)
     build_preprocessor(cfg.embedder, cfg.s3)  # cheap; catches missing descriptor files early
     try:
@@ -120,12 +123,13 @@ class Row:
     error: str | None = None
 
 
-def row_for(sample: Sample, preprocess: Callable) -> tuple[Row, np.ndarray | None]:
+def row_for(sample: Sample, preprocess: Callable, max_member_bytes: int) -> tuple[Row, np.ndarray | None]:
     """Metadata row for one sample, and its preprocessed pixels when it decodes."""
     from PIL import Image
 
     meta = sample.meta()
-    row = Row(key=sample.key, url=meta.get("url"), caption=sample.caption())
+    url = meta.get("url")
+    row = Row(key=sample.key, url=url if isinstance(url, str) else None, caption=sample.caption())
     found = sample.image()
     if sample.error:
         row.status, row.error = emb.STATUS_READ_ERROR, sample.error
@@ -135,12 +139,16 @@ def row_for(sample: Sample, preprocess: Callable) -> tuple[Row, np.ndarray | Non
         return row, None
     _, member = found
     row.tar_offset, row.tar_size = member.offset, member.size
+    if member.data is None:
+        row.status = emb.STATUS_DECODE_ERROR
+        row.error = f"image member of {member.size:,} bytes exceeds max_member_bytes ({max_member_bytes:,}): not read"
+        return row, None
     row.sha256 = hashlib.sha256(member.data).hexdigest()
     try:
         image = Image.open(io.BytesIO(member.data))
         row.width, row.height = image.size
         pixels = preprocess(image)
-    except Exception as exc:  # noqa: BLE001 - a bad image is data, never a crash
+    except Exception as exc:  # noqa: BLE001 - a bad image is data, never a crash (PIL's OSError included)
         row.status, row.error = emb.STATUS_DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]
         return row, None
     return row, pixels
@@ -160,8 +168,14 @@ def shard_table(rows: list[Row], vectors: dict[int, np.ndarray], shard: str, tar
 
 
 def embed_shard(tar_url: str, output: EmbeddingsFolder, embedder_cfg: EmbedderConfig, identity: dict[str, Any],
-                actor, batch_size: int, row_group_size: int) -> ShardStats:
-    """Embed one tar end to end; publish its Parquet file, then its stats (the marker)."""
+                actor, batch_size: int, row_group_size: int, max_member_bytes: int) -> ShardStats:
+    """Embed one tar end to end; publish its Parquet file, then its stats (the marker).
+
+    Bad data becomes rows. Anything raised is an infrastructure failure (storage, a lost
+    actor): nothing is written for the shard, and the driver retries or records it.
+    """
+    import os
+
     import ray
 
     started = time.time()
@@ -169,6 +183,7 @@ def embed_shard(tar_url: str, output: EmbeddingsFolder, embedder_cfg: EmbedderCo
     embedded_by = ray.get(actor.where.remote())
     preprocess = build_preprocessor(embedder_cfg, output.storage)
     rows: list[Row] = []
+    first_row: dict[str, int] = {}
     vectors: dict[int, np.ndarray] = {}
     pending: deque[tuple[list[int], Any]] = deque()
     batch_rows: list[int] = []
@@ -181,7 +196,7 @@ def embed_shard(tar_url: str, output: EmbeddingsFolder, embedder_cfg: EmbedderCo
             t = time.time()
             try:
                 out = ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:  # the model raised on this batch
+            except ray.exceptions.RayTaskError as exc:  # the model raised on this batch: data
                 message = str(exc).strip().splitlines()[-1][:500]
                 for i in idx:
                     rows[i].status, rows[i].error = emb.STATUS_EMBED_ERROR, message
@@ -200,10 +215,15 @@ def embed_shard(tar_url: str, output: EmbeddingsFolder, embedder_cfg: EmbedderCo
 
     read = TarReadResult()
     t = time.time()
-    for sample in iter_samples(tar_url, output.storage, read):
+    for sample in iter_samples(tar_url, output.storage, read, max_member_bytes=max_member_bytes):
         timings["read"] += time.time() - t
         t = time.time()
-        row, pixels = row_for(sample, preprocess)
+        if sample.key in first_row:  # a key seen earlier in this tar: kept as a row, never embedded twice
+            row, pixels = Row(key=sample.key, status=emb.STATUS_DUPLICATE_KEY,
+                              error=f"key already at row {first_row[sample.key]} of this tar"), None
+        else:
+            first_row[sample.key] = len(rows)
+            row, pixels = row_for(sample, preprocess, max_member_bytes)
         timings["decode_preprocess"] += time.time() - t
         rows.append(row)
         if pixels is not None:
@@ -221,13 +241,16 @@ def embed_shard(tar_url: str, output: EmbeddingsFolder, embedder_cfg: EmbedderCo
         shard=shard, tar_url=tar_url, output=output.parquet_url(shard), seen=len(rows),
         embedded=sum(1 for r in rows if r.status == emb.STATUS_OK),
         failed=dict(Counter(r.status for r in rows if r.status != emb.STATUS_OK)),
-        shard_error=read.error, identity=identity, embedded_by=embedded_by,
+        shard_error=read.error, identity=identity, embedded_by=embedded_by, skipped=dict(read.skipped),
+        bytes_read=read.bytes_read,
     )
 
     def finish(st: ShardStats) -> None:
         timings["write"] += time.time() - t
         st.seconds = round(time.time() - started, 3)
         st.timings = {k: round(v, 3) for k, v in timings.items()}
+        st.decoded_by = {"node": ray.util.get_node_ip_address(), "pid": os.getpid(), "started": round(started, 3),
+                         "finished": round(time.time(), 3)}
 
     output.write_shard(table, stats, row_group_size, before_marker=finish)
     return stats
@@ -244,12 +267,31 @@ class EmbedSummary:
     images: int = 0
     embedded: int = 0
     failed: dict[str, int] = field(default_factory=dict)
+    #: tars that are damaged (data): a truncated or unreadable tar, with their error
     shard_errors: dict[str, str] = field(default_factory=dict)
+    #: tars that kept failing for infrastructure reasons: incomplete, a rerun redoes them
+    shards_failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+    @property
+    def failed_fraction(self) -> float:
+        return sum(self.failed.values()) / self.images if self.images else 0.0
+
+    def raise_for_failures(self, max_failed_fraction: float, max_failed_shards: int) -> None:
+        """Exit code 1 when tars are left incomplete, 3 when data failures exceed the limits."""
+        if self.shards_failed:
+            first, why = next(iter(sorted(self.shards_failed.items())))
+            raise RunIncomplete(f"{len(self.shards_failed)} tar(s) kept failing and stay incomplete "
+                                f"(first: {first}: {why}); rerun to retry them (--retry-failed: only those)")
+        if self.failed_fraction > max_failed_fraction or len(self.shard_errors) > max_failed_shards:
+            raise TooManyFailures(
+                f"{sum(self.failed.values())} of {self.images} images failed ({self.failed_fraction:.2%}, limit "
+                f"{max_failed_fraction:.2%}) and {len(self.shard_errors)} tar(s) are damaged (limit {max_failed_shards}): "
+                "see the stats files; raise --max-failed-fraction / --max-failed-shards to accept them")
 
 
 def start_actors(ray, cfg: EmbedConfig) -> list:
@@ -261,19 +303,35 @@ def start_actors(ray, cfg: EmbedConfig) -> list:
     actor_cls = ray.remote(EmbedActor).options(
         num_gpus=gpus_per_actor,
         num_cpus=cfg.cpus_per_actor,
-        max_restarts=3,  # a lost worker is an infrastructure error: restart, bounded
-        max_task_retries=3,
+        # spot nodes come and go for days: a lost actor is always restarted; a batch in flight
+        # is retried twice on the restarted actor, then its shard attempt fails and is retried
+        max_restarts=-1,
+        max_task_retries=2,
     )
     return [actor_cls.remote(cfg.embedder, cfg.s3) for _ in range(num_actors)]
 
 
 def run_embed(cfg: EmbedConfig, progress: Progress | None = None,
               on_shard_done: Callable[[ShardStats], None] | None = None) -> EmbedSummary:
-    """Validate, connect to Ray, embed every incomplete shard, return the totals."""
-    from pipeline.ray_util import RetryPolicy, cluster_cpus, connect, run_bounded
+    """Validate, lock the output, embed every incomplete shard, return the totals.
+
+    Call :meth:`EmbedSummary.raise_for_failures` afterwards for the exit-code verdict.
+    """
+    from pipeline.layout.lock import OutputLock
 
     progress = progress or NullProgress()
     p = plan(cfg)
+    with OutputLock(p.output, "replica embed", break_lock=cfg.break_lock, stale_after_s=cfg.lock_stale_after_s):
+        return _embed_locked(p, progress, on_shard_done)
+
+
+def _embed_locked(p: EmbedPlan, progress: Progress, on_shard_done) -> EmbedSummary:
+    import datetime as dt
+
+    from pipeline.metrics import StageMetrics
+    from pipeline.ray_util import CachedValue, RetryPolicy, cluster_cpus, connect, is_infrastructure, run_bounded
+
+    cfg = p.cfg
     ray = connect(cfg.ray.address)
     actors = start_actors(ray, cfg)
     try:
@@ -286,11 +344,19 @@ def run_embed(cfg: EmbedConfig, progress: Progress | None = None,
     p.output.claim(EmbeddingsInfo(identity=identity, embedder_config=to_dict(cfg.embedder)))
 
     done = set(p.output.complete_shards())
-    todo = [t for t, s in zip(p.tars, p.shards) if s not in done]
+    if cfg.retry_failed:
+        failed_before = set(p.output.failed_shards())
+        todo = [t for t, s in zip(p.tars, p.shards) if s in failed_before and s not in done]
+        progress.log(f"retrying {len(todo)} tar(s) recorded as failed")
+    else:
+        todo = [t for t, s in zip(p.tars, p.shards) if s not in done]
     task = ray.remote(embed_shard).options(num_cpus=1)
     summary = EmbedSummary(len(p.tars), len(p.tars) - len(todo))
     failed: Counter = Counter()
+    metrics = StageMetrics("embed")
     started = time.time()
+    # the window follows the cluster: tars in flight = its CPUs now (at least one per actor)
+    cpus = CachedValue(lambda: max(len(actors), int(cluster_cpus())))
 
     with progress.task("embed", len(todo), "shards") as bar:
         def record(tar_url: str, stats: ShardStats) -> None:
@@ -301,19 +367,38 @@ def run_embed(cfg: EmbedConfig, progress: Progress | None = None,
             if stats.shard_error:
                 summary.shard_errors[stats.shard] = stats.shard_error
             summary.seconds = time.time() - started
+            metrics.unit_done(stats.seen, stats.failed, stats.bytes_read, summary.images_per_s)
             bar.advance(note=f"{summary.images_per_s:,.0f} img/s, {sum(failed.values())} failed")
             if on_shard_done:
                 on_shard_done(stats)
 
+        def give_up(tar_url: str, exc: BaseException) -> None:
+            from pipeline.ray_util import task_error_message
+            from pipeline.storage import is_transient
+
+            shard, message = shard_name(tar_url), task_error_message(exc)
+            cause = getattr(exc, "cause", None) or exc
+            permanent = isinstance(cause, (PermissionError, FileNotFoundError)) or not is_infrastructure(exc)
+            p.output.record_failure(FailureRecord(shard=shard, input=tar_url, error=message,
+                                                  attempts=cfg.shard_attempts if is_transient(exc) else 1,
+                                                  at=dt.datetime.now(dt.timezone.utc).isoformat(),
+                                                  permanent=permanent))
+            summary.shards_failed[shard] = message
+            metrics.failure("shard_failed")
+            bar.advance(note=f"{summary.images_per_s:,.0f} img/s, {len(summary.shards_failed)} tar(s) failed")
+            if isinstance(cause, PermissionError):  # credentials are run-wide: every other tar would fail too
+                raise RunIncomplete(f"access denied reading {tar_url}: {message}; check the credentials "
+                                    "(nothing was marked complete for it)")
+
         run_bounded(
             todo,
             lambda tar_url, actor: task.remote(tar_url, p.output, cfg.embedder, identity, actor, cfg.batch_size,
-                                               cfg.row_group_size),
+                                               cfg.row_group_size, cfg.max_member_bytes),
             record,
-            window=lambda: cfg.max_tars_in_flight or max(1, int(cluster_cpus())),
+            window=lambda: cfg.max_tars_in_flight or cpus(),
             actors=actors,
-            retry=RetryPolicy(max_attempts=4, retry_on=(ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                                                        ray.exceptions.ObjectLostError, OSError)),
+            retry=RetryPolicy(max_attempts=cfg.shard_attempts, retry_if=is_infrastructure, backoff_s=2.0),
+            on_failure=give_up,
         )
     summary.seconds = time.time() - started
     summary.failed = dict(failed)

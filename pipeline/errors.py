@@ -40,3 +40,15 @@ class RunIncomplete(ReplicaError):
     """The run stopped before all its work was done; a rerun resumes it."""
 
     exit_code = EXIT_FAILED
+
+
+class TooManyFailures(ReplicaError):
+    """The run finished, but its data failures exceeded the ``--max-failed-*`` limits."""
+
+    exit_code = EXIT_TOO_MANY_FAILURES
+
+
+class OutputLocked(ReplicaError):
+    """Another run holds the output's lock."""
+
+    exit_code = EXIT_LOCKED

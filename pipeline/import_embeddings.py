@@ -153,8 +153,17 @@ def import_shard(p: ImportPlan, name: str, f: ReleaseFile, meta: pa.Table, a: in
 
 
 def run_import(cfg: ImportConfig, progress: Progress | None = None, threads: int = 4) -> dict[str, Any]:
+    from pipeline.layout.lock import OutputLock
+
     progress = progress or NullProgress()
     p = plan(cfg)
+    with OutputLock(p.output, "replica import-embeddings", break_lock=cfg.break_lock,
+                    stale_after_s=cfg.lock_stale_after_s):
+        return _import_locked(p, progress, threads)
+
+
+def _import_locked(p: ImportPlan, progress: Progress, threads: int) -> dict[str, Any]:
+    cfg = p.cfg
     p.output.claim(EmbeddingsInfo(identity=p.identity))
     jobs = [(f"{cfg.prefix}{f.number:06d}_{j:04d}", f, a, min(f.rows, a + cfg.rows_per_shard))
             for f in p.files for j, a in enumerate(range(0, f.rows, cfg.rows_per_shard))]
@@ -163,7 +172,7 @@ def run_import(cfg: ImportConfig, progress: Progress | None = None, threads: int
     progress.log(f"{len(p.files)} release file(s), {sum(f.rows for f in p.files):,} vectors of dim {p.dim} -> "
                  f"{len(jobs)} shard(s), {len(jobs) - len(todo)} already done")
     t0 = time.time()
-    rows = 0
+    rows = failed = 0
     with progress.task("import", len(todo), "shards") as bar:
         for f in p.files:  # one release file at a time: its metadata is read once
             mine = [jb for jb in todo if jb[1] is f]
@@ -177,6 +186,7 @@ def run_import(cfg: ImportConfig, progress: Progress | None = None, threads: int
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 for stats in pool.map(lambda jb: import_shard(p, jb[0], f, meta, jb[2], jb[3]), mine):
                     rows += stats.seen
+                    failed += stats.seen - stats.embedded
                     bar.advance()
-    return {"shards": len(jobs), "written": len(todo), "rows_written": rows, "dim": p.dim,
+    return {"shards": len(jobs), "written": len(todo), "rows_written": rows, "rows_failed": failed, "dim": p.dim,
             "identity": p.identity, "seconds": round(time.time() - t0, 3)}

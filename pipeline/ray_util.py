@@ -48,6 +48,33 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1))
 
 
+def is_infrastructure(exc: BaseException) -> bool:
+    """A failure of the machinery, not of the work: a lost worker, node or object, or a storage
+    error that may pass (pipeline.storage.is_transient). Worth another attempt."""
+    import ray
+
+    system = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
+              ray.exceptions.OwnerDiedError, ray.exceptions.NodeDiedError, ray.exceptions.RaySystemError)
+    if isinstance(exc, system):
+        return True
+    from pipeline.storage import is_transient
+
+    return is_transient(exc)
+
+
+class CachedValue:
+    """A value recomputed at most every ``ttl_s`` seconds (cluster size, asked of Ray's GCS)."""
+
+    def __init__(self, compute: Callable[[], Any], ttl_s: float = 5.0):
+        self.compute, self.ttl_s = compute, ttl_s
+        self.value, self.at = None, 0.0
+
+    def __call__(self) -> Any:
+        if time.time() - self.at > self.ttl_s:
+            self.value, self.at = self.compute(), time.time()
+        return self.value
+
+
 @dataclass
 class RetryPolicy:
     """Which failed attempts of an item are tried again, how often, and how long to wait between."""
@@ -56,6 +83,8 @@ class RetryPolicy:
     max_attempts: int = 1
     #: exception types worth another attempt (a lost worker, a transient storage error)
     retry_on: tuple[type[BaseException], ...] = ()
+    #: or a predicate saying so (e.g. is_infrastructure)
+    retry_if: Callable[[BaseException], bool] | None = None
     #: first wait; doubles with every attempt, capped at ``max_backoff_s``
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
@@ -78,6 +107,8 @@ class LoopStats:
     failed: int = 0
     retried: int = 0
     failures: list[tuple[Any, BaseException]] = field(default_factory=list)
+    #: attempts made per item index (1 = first try succeeded or failed for good)
+    attempts: dict[int, int] = field(default_factory=dict)
 
 
 def run_bounded(
@@ -98,9 +129,10 @@ def run_bounded(
       follows a cluster that grows or shrinks.
     * With ``actors``, each item goes to the actor with the fewest items in flight (``actor``
       is None without a pool).
-    * A failed attempt whose exception is one of ``retry.retry_on`` is submitted again, after
-      a backoff, up to ``retry.max_attempts``; other failures, and retryable ones that ran out
-      of attempts, go to ``on_failure(item, exc)`` when given (the loop goes on) or are raised.
+    * A failed attempt whose exception is one of ``retry.retry_on`` (or passes ``retry.retry_if``)
+      is submitted again, after a backoff, up to ``retry.max_attempts``; other failures, and
+      retryable ones that ran out of attempts, go to ``on_failure(item, exc)`` when given (the
+      loop goes on; it may raise to stop the loop) or are raised.
     * ``on_result(item, result)`` runs in the driver as results arrive, or in item order when
       ``ordered``; an exception it raises stops the loop.
     """
@@ -156,6 +188,7 @@ def run_bounded(
         done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
         for ref in done:
             slot = running.pop(ref)
+            stats.attempts[slot.index] = slot.attempt
             if slot.actor is not None:
                 load[slot.actor] -= 1
             try:
@@ -163,7 +196,8 @@ def run_bounded(
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:  # noqa: BLE001 - sorted into retry / failure below
-                if isinstance(exc, retry.retry_on) and slot.attempt < retry.max_attempts:
+                retryable = isinstance(exc, retry.retry_on) or (retry.retry_if is not None and retry.retry_if(exc))
+                if retryable and slot.attempt < retry.max_attempts:
                     stats.retried += 1
                     again = _Slot(slot.index, slot.item, slot.attempt + 1, None)
                     heapq.heappush(retries, (time.time() + retry.wait_before(again.attempt), slot.index, again))

@@ -262,7 +262,16 @@ def rows_by_id(ids, registry, columns=ROW_COLUMNS) -> dict[int, dict[str, Any]]:
 
 
 def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchResult:
-    """Run one search; returns the report's summary (also written as summary.json)."""
+    """Run one search (holding the run folder's lock); returns the report's summary."""
+    from pipeline.layout.lock import OutputLock
+
+    progress = progress or NullProgress()
+    plan = plan_search(cfg)
+    with OutputLock(plan.run, "replica search", break_lock=cfg.break_lock, stale_after_s=cfg.lock_stale_after_s):
+        return _search_locked(plan, progress)
+
+
+def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     from pipeline.embedders import build_embedder
     from pipeline.index.registry import Registry
     from pipeline.index.rerank import source_for
@@ -271,9 +280,8 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
     from pipeline.report import calibrate_threshold, run_report
     from pipeline.results import run_record, write_results
 
-    progress = progress or NullProgress()
+    cfg = plan.cfg
     started = time.time()
-    plan = plan_search(cfg)
     storage = cfg.s3
     queries = load_queries(cfg.queries, storage)
     blocklist: set[str] = set()

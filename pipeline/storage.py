@@ -11,18 +11,56 @@ and listings; the format modules in :mod:`pipeline.layout` build on it.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 from fsspec.core import url_to_fs
+
+
+#: errno values of failures that may pass: throttling (S3 SlowDown), server errors, resets, timeouts
+TRANSIENT_ERRNOS = {errno.EBUSY, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.EAGAIN, errno.ETIMEDOUT,
+                    errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.ENETUNREACH,
+                    errno.EHOSTUNREACH, errno.ENETDOWN}
+#: modules whose exceptions are network-level failures of an otherwise valid request
+_NETWORK_MODULES = ("aiohttp", "botocore", "urllib3", "http.client", "requests", "fsspec.exceptions")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a storage error may pass if the request is made again (infrastructure, not data).
+
+    Missing objects, denied access and invalid requests are permanent; throttling, 5xx
+    answers, resets, cut bodies and timeouts are transient.
+    """
+    exc = getattr(exc, "cause", None) or exc  # a Ray task error carries the original
+    if isinstance(exc, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno is None or exc.errno in TRANSIENT_ERRNOS
+    return any(c.__module__.split(".")[0] in {m.split(".")[0] for m in _NETWORK_MODULES}
+               or c.__module__ in _NETWORK_MODULES for c in type(exc).__mro__)
+
+
+def retrying(fn: Callable[..., Any], *args: Any, attempts: int = 5, backoff_s: float = 0.5, **kwargs: Any) -> Any:
+    """Call ``fn`` again, with exponential backoff, while it fails with a transient storage error."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - sorted by is_transient
+            if attempt == attempts or not is_transient(exc):
+                raise
+            time.sleep(min(30.0, backoff_s * 2 ** (attempt - 1)))
 
 
 @dataclass(frozen=True)
@@ -148,18 +186,21 @@ def missing_files(urls: list[str], storage: Storage | None = None) -> list[str]:
 
 def exists(url: str, storage: Storage | None = None) -> bool:
     fs, path = filesystem(url, storage)
-    return fs.exists(path)
+    return retrying(fs.exists, path)
 
 
 def read_bytes(url: str, storage: Storage | None = None) -> bytes:
     fs, path = filesystem(url, storage)
-    return fs.cat_file(path)
+    return retrying(fs.cat_file, path)
 
 
 def read_range(url: str, offset: int, size: int, storage: Storage | None = None) -> bytes:
-    """Read ``size`` bytes at ``offset``: one ranged GET on object stores."""
+    """Read ``size`` bytes at ``offset``: one ranged GET on object stores (retried while transient)."""
     fs, path = filesystem(url, storage)
-    return fs.cat_file(path, start=offset, end=offset + size)
+    data = retrying(fs.cat_file, path, start=offset, end=offset + size)
+    if len(data) != size:  # the object is shorter than its recorded range: it changed, retrying won't help
+        raise EOFError(f"{url}: read {len(data)} of {size} bytes at offset {offset}")
+    return data
 
 
 def read_json(url: str, storage: Storage | None = None) -> Any:
@@ -307,16 +348,16 @@ class Folder:
         return join(self.path, rel) if rel else self.path
 
     def exists(self, rel: str = "") -> bool:
-        return self.fs.exists(self.fs_path(rel))
+        return retrying(self.fs.exists, self.fs_path(rel))
 
     def open(self, rel: str, mode: str = "rb", **kwargs: Any):
         return self.fs.open(self.fs_path(rel), mode, **kwargs)
 
     def read_bytes(self, rel: str) -> bytes:
-        return self.fs.cat_file(self.fs_path(rel))
+        return retrying(self.fs.cat_file, self.fs_path(rel))
 
     def read_range(self, rel: str, offset: int, size: int) -> bytes:
-        return self.fs.cat_file(self.fs_path(rel), start=offset, end=offset + size)
+        return retrying(self.fs.cat_file, self.fs_path(rel), start=offset, end=offset + size)
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -338,7 +379,7 @@ class Folder:
         if not self.exists():
             return []
         base = self.path.rstrip("/") + "/"
-        return sorted(p[len(base):] if p.startswith(base) else basename(p) for p in self.fs.glob(base + pattern))
+        return sorted(p[len(base):] if p.startswith(base) else basename(p) for p in retrying(self.fs.glob, base + pattern))
 
     def local_copy(self, rel: str, cache_dir: str | None = None, key: str = "") -> str:
         return local_copy(self.child(rel), self.storage, cache_dir, key)

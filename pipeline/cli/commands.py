@@ -64,14 +64,22 @@ EMBED = SectionCommand("embed")
 def _embed(config: str | None, quiet: bool, **kwargs: Any) -> None:
     from pipeline.embed import run_embed
 
-    s = run_embed(EMBED.config(kwargs, config), progress_for(quiet))
+    cfg = EMBED.config(kwargs, config)
+    s = run_embed(cfg, progress_for(quiet))
+    print_embed_summary(s)
+    s.raise_for_failures(cfg.max_failed_fraction, cfg.max_failed_shards)
+
+
+def print_embed_summary(s) -> None:
     failed = ", ".join(f"{k}={v}" for k, v in sorted(s.failed.items())) or "none"
     click.echo(
         f"embedded {s.embedded}/{s.images} images from {s.shards_done} shards "
         f"({s.shards_skipped} already complete) in {s.seconds:.1f}s, {s.images_per_s:.0f} img/s; failed: {failed}"
     )
     for shard, err in sorted(s.shard_errors.items()):
-        click.echo(f"shard {shard}: {err}", err=True)
+        click.echo(f"shard {shard} is damaged: {err}", err=True)
+    for shard, err in sorted(s.shards_failed.items()):
+        click.echo(f"shard {shard} failed (incomplete): {err}", err=True)
 
 
 command(app, "embed", EMBED.params(quiet_option()), _embed,
@@ -192,9 +200,10 @@ def _pipeline(config: str, ray_address: str | None, quiet: bool) -> None:
     forced = {"ray": {"address": ray_address}} if ray_address else {}
     progress = progress_for(quiet)
     if "embed" in sections:
-        s = run_embed(EMBED.config({}, config, forced), progress)
-        progress.log(f"embed: {s.embedded}/{s.images} images in {s.shards_done} new shards "
-                     f"({s.shards_skipped} already complete)")
+        embed_cfg = EMBED.config({}, config, forced)
+        s = run_embed(embed_cfg, progress)
+        print_embed_summary(s)
+        s.raise_for_failures(embed_cfg.max_failed_fraction, embed_cfg.max_failed_shards)
     run_build(INDEX_BUILD.config({}, config, forced), progress)
     result = run_search(SEARCH.config({}, config, forced), progress)
     print_summary(result.summary)
@@ -314,9 +323,15 @@ IMPORT = SectionCommand("import")
 def _import(config: str | None, quiet: bool, **kwargs: Any) -> None:
     from pipeline.import_embeddings import run_import
 
-    s = run_import(IMPORT.config(kwargs, config), progress_for(quiet))
+    from pipeline.errors import TooManyFailures
+
+    cfg = IMPORT.config(kwargs, config)
+    s = run_import(cfg, progress_for(quiet))
     click.echo(f"imported {s['rows_written']:,} rows into {s['written']} shard(s) ({s['shards'] - s['written']} "
-               f"already complete) in {s['seconds']} s")
+               f"already complete) in {s['seconds']} s; {s['rows_failed']} unusable (non-finite) vectors")
+    if s["rows_written"] and s["rows_failed"] / s["rows_written"] > cfg.max_failed_fraction:
+        raise TooManyFailures(f"{s['rows_failed']} of {s['rows_written']} released vectors are unusable, over "
+                              f"--max-failed-fraction {cfg.max_failed_fraction}")
 
 
 command(app, "import-embeddings", IMPORT.params(quiet_option()), _import,

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import IndexConfig
 from pipeline.errors import MismatchError
-from pipeline.index.plan import plan_index
+from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.registry import Registry, encode_ids
 from pipeline.layout.embeddings import EmbeddingsFolder, check_same_identity, identity_of_schema
 from pipeline.layout.index import IndexFolder, Ledger, PartRecord, to_ranges
@@ -117,6 +117,12 @@ def run_add(cfg: IndexConfig, progress: Progress | None = None, *, use_ray: bool
     """
     progress = progress or NullProgress()
     p = plan_index(cfg)
+    with p.lock("replica index add"):
+        return _add_locked(p, progress, use_ray, on_part)
+
+
+def _add_locked(p: IndexPlan, progress: Progress, use_ray: bool, on_part) -> Ledger:
+    cfg = p.cfg
     info = p.index.read_trained_info()
     reg = Registry.load(p.index)
     check_same_identity(reg.embeddings.read_info().identity, info.identity, reg.embeddings.url)

@@ -15,7 +15,7 @@ import tempfile
 
 from pipeline.config import IndexConfig
 from pipeline.errors import ConfigError, MismatchError
-from pipeline.index.plan import plan_index
+from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.registry import Registry
 from pipeline.layout.index import (IndexFolder, IndexShard, Manifest, PartRecord, TrainedInfo, invlists_path,
                                    sha256_bytes)
@@ -131,6 +131,12 @@ def run_merge(cfg: IndexConfig, progress: Progress | None = None, *, use_ray: bo
     """Merge recorded parts that no index shard holds into new index shards; write the manifest."""
     progress = progress or NullProgress()
     p = plan_index(cfg, needs_embeddings=False)
+    with p.lock("replica index merge"):
+        return _merge_locked(p, progress, use_ray)
+
+
+def _merge_locked(p: IndexPlan, progress: Progress, use_ray: bool) -> Manifest:
+    cfg = p.cfg
     trained = p.index.read_trained_info()
     manifest = p.index.read_manifest() if p.index.has_manifest() else Manifest.empty(trained)
     if manifest.trained_sha256 != trained.sha256:

@@ -16,6 +16,13 @@ class IndexPlan:
     index: IndexFolder
     embeddings: EmbeddingsFolder | None
 
+    def lock(self, command: str):
+        """The index folder's lock, held while a step writes it."""
+        from pipeline.layout.lock import OutputLock
+
+        return OutputLock(self.index, command, break_lock=self.cfg.break_lock,
+                          stale_after_s=self.cfg.lock_stale_after_s)
+
 
 def plan_index(cfg: IndexConfig, needs_embeddings: bool = True) -> IndexPlan:
     """Check the settings every index step relies on; raise ConfigError before any work."""

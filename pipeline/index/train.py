@@ -145,6 +145,12 @@ def run_train(cfg: IndexConfig, progress: Progress | None = None) -> TrainedInfo
     """Register complete shards, choose the factory, sample, train. Idempotent."""
     progress = progress or NullProgress()
     p = plan_index(cfg)
+    with p.lock("replica index train"):
+        return _train_locked(p, progress)
+
+
+def _train_locked(p: IndexPlan, progress: Progress) -> TrainedInfo:
+    cfg = p.cfg
     identity = p.embeddings.read_info().identity
     reg = Registry.load_or_create(p.index, p.embeddings, identity)
     new = reg.register_complete()

@@ -4,6 +4,8 @@
 {embeddings}/_replica.json          who made the vectors (EmbeddingsInfo), written before any shard
 {embeddings}/{shard}.parquet        one row per sample of one input shard, vector in the row
 {embeddings}/{shard}.stats.json     ShardStats, written last: its presence marks the shard complete
+{embeddings}/{shard}.failed.json    FailureRecord: the shard kept failing (infrastructure); removed once complete
+{embeddings}/_lock.json             the lock of the run writing the folder (pipeline/layout/lock.py)
 ```
 
 A shard is written by :meth:`EmbeddingsFolder.write_shard` only: the Parquet file is
@@ -31,6 +33,7 @@ from pipeline.storage import Folder
 INFO_FILE = "_replica.json"
 PARQUET_SUFFIX = ".parquet"
 STATS_SUFFIX = ".stats.json"
+FAILED_SUFFIX = ".failed.json"
 FORMAT_VERSION = 1
 
 # Row status values. Anything but "ok" has a null embedding and says why in `error`.
@@ -39,6 +42,7 @@ STATUS_DECODE_ERROR = "decode_error"
 STATUS_NO_IMAGE = "no_image"
 STATUS_READ_ERROR = "read_error"
 STATUS_EMBED_ERROR = "embed_error"
+STATUS_DUPLICATE_KEY = "duplicate_key"
 
 # Parquet file-metadata key holding the JSON identity of what made the file.
 IDENTITY_KEY = b"replica.identity"
@@ -175,12 +179,39 @@ class ShardStats:
     #: import-embeddings: where the rows came from
     source: dict[str, Any] | None = None
     imported: bool = False
+    #: members not read, by reason (links, devices, oversize members)
+    skipped: dict[str, int] = field(default_factory=dict)
+    #: bytes of the input read
+    bytes_read: int = 0
+    #: where the decode task ran and when (node, pid, start and end as Unix times)
+    decoded_by: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ShardStats":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class FailureRecord:
+    """``{shard}.failed.json``: a shard that kept failing for infrastructure reasons (it stays incomplete)."""
+
+    shard: str
+    input: str
+    error: str
+    attempts: int
+    at: str
+    #: a failure the run should not retry on its own (access denied, a missing object)
+    permanent: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "FailureRecord":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -224,6 +255,16 @@ class EmbeddingsFolder(Folder):
     def read_stats(self, shard: str) -> ShardStats:
         return ShardStats.from_json(self.read_json(f"{shard}{STATS_SUFFIX}"))
 
+    def failed_shards(self) -> list[str]:
+        """Shards with a failure record (they are incomplete; a rerun or --retry-failed redoes them)."""
+        return [n[: -len(FAILED_SUFFIX)] for n in self.names(f"*{FAILED_SUFFIX}")]
+
+    def record_failure(self, record: FailureRecord) -> None:
+        self.write_json(f"{record.shard}{FAILED_SUFFIX}", record.to_json())
+
+    def read_failure(self, shard: str) -> FailureRecord:
+        return FailureRecord.from_json(self.read_json(f"{shard}{FAILED_SUFFIX}"))
+
     def write_shard(self, table: pa.Table, stats: ShardStats, row_group_size: int = 1024,
                     before_marker: Callable[[ShardStats], None] | None = None) -> None:
         """Publish ``{shard}.parquet`` atomically, then its stats file: the one shard writer.
@@ -235,6 +276,8 @@ class EmbeddingsFolder(Folder):
         if before_marker is not None:
             before_marker(stats)
         self.write_json(f"{stats.shard}{STATS_SUFFIX}", stats.to_json())  # last: marks it complete
+        if self.exists(f"{stats.shard}{FAILED_SUFFIX}"):  # an earlier failure is now history
+            self.remove(f"{stats.shard}{FAILED_SUFFIX}")
 
     def shard_rows(self, shard: str) -> int:
         with self.open(self.parquet_name(shard)) as f:
