@@ -326,14 +326,24 @@ def run_embed(cfg: EmbedConfig, progress: Progress | None = None,
 
 
 def _embed_locked(p: EmbedPlan, progress: Progress, on_shard_done) -> EmbedSummary:
+    from pipeline.ray_util import connect
+
+    ray = connect(p.cfg.ray.address)
+    actors = start_actors(ray, p.cfg)
+    try:  # the actors hold CPUs or GPUs: they go whatever happens
+        return _embed_with(ray, actors, p, progress, on_shard_done)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+def _embed_with(ray, actors: list, p: EmbedPlan, progress: Progress, on_shard_done) -> EmbedSummary:
     import datetime as dt
 
     from pipeline.metrics import StageMetrics
-    from pipeline.ray_util import CachedValue, RetryPolicy, cluster_cpus, connect, is_infrastructure, run_bounded
+    from pipeline.ray_util import CachedValue, RetryPolicy, cluster_cpus, is_infrastructure, run_bounded
 
     cfg = p.cfg
-    ray = connect(cfg.ray.address)
-    actors = start_actors(ray, cfg)
     try:
         identity = ray.get(actors[0].identity.remote())
     except ray.exceptions.RayActorError as exc:
@@ -402,6 +412,4 @@ def _embed_locked(p: EmbedPlan, progress: Progress, on_shard_done) -> EmbedSumma
         )
     summary.seconds = time.time() - started
     summary.failed = dict(failed)
-    for a in actors:
-        ray.kill(a)
     return summary

@@ -8,6 +8,7 @@ arrives (or in item order with ``ordered=True``).
 """
 from __future__ import annotations
 
+import heapq
 import os
 import time
 from collections import deque
@@ -135,83 +136,112 @@ def run_bounded(
       loop goes on; it may raise to stop the loop) or are raised.
     * ``on_result(item, result)`` runs in the driver as results arrive, or in item order when
       ``ordered``; an exception it raises stops the loop.
+    * When the loop stops early, the work still in flight is cancelled.
     """
-    import heapq
+    loop = _BoundedLoop(items, submit, on_result, window, actors or [], ordered, retry or RetryPolicy(),
+                        on_failure, poll_s)
+    try:
+        loop.run()
+    finally:
+        loop.cancel_in_flight()
+    return loop.stats
 
-    import ray
 
-    retry = retry or RetryPolicy()
-    stats = LoopStats()
-    fresh = deque(_Slot(i, it, 1, None) for i, it in enumerate(items))
-    retries: list[tuple[float, int, _Slot]] = []  # heap by the time the retry may start
-    running: dict[Any, _Slot] = {}
-    load = [0] * len(actors or [])
-    buffered: dict[int, tuple[Item, Any] | None] = {}
-    next_index = 0
+class _BoundedLoop:
+    def __init__(self, items, submit, on_result, window, actors, ordered, retry, on_failure, poll_s):
+        self.submit, self.on_result, self.window, self.actors = submit, on_result, window, actors
+        self.ordered, self.retry, self.on_failure, self.poll_s = ordered, retry, on_failure, poll_s
+        self.stats = LoopStats()
+        self.fresh = deque(_Slot(i, it, 1, None) for i, it in enumerate(items))
+        self.retries: list[tuple[float, int, _Slot]] = []  # heap by the time the retry may start
+        self.running: dict[Any, _Slot] = {}
+        self.load = [0] * len(actors)
+        self.buffered: dict[int, tuple[Any, Any] | None] = {}
+        self.next_index = 0
 
-    def limit() -> int:
-        return max(1, int(window() if callable(window) else window))
+    def limit(self) -> int:
+        return max(1, int(self.window() if callable(self.window) else self.window))
 
-    def release(index: int, entry: tuple[Item, Any] | None) -> None:
+    def release(self, index: int, entry: tuple[Any, Any] | None) -> None:
         """Hand results on; in ordered mode, as soon as every earlier item is settled."""
-        nonlocal next_index
-        if not ordered:
+        if not self.ordered:
             if entry is not None:
-                on_result(*entry)
+                self.on_result(*entry)
             return
-        buffered[index] = entry
-        while next_index in buffered:
-            settled = buffered.pop(next_index)
-            next_index += 1
+        self.buffered[index] = entry
+        while self.next_index in self.buffered:
+            settled = self.buffered.pop(self.next_index)
+            self.next_index += 1
             if settled is not None:
-                on_result(*settled)
+                self.on_result(*settled)
 
-    def next_slot() -> _Slot | None:
-        if retries and retries[0][0] <= time.time():
-            return heapq.heappop(retries)[2]
-        return fresh.popleft() if fresh else None
+    def next_slot(self) -> _Slot | None:
+        if self.retries and self.retries[0][0] <= time.time():
+            return heapq.heappop(self.retries)[2]
+        return self.fresh.popleft() if self.fresh else None
 
-    while fresh or retries or running:
-        while len(running) < limit():
-            slot = next_slot()
+    def fill(self) -> None:
+        while len(self.running) < self.limit():
+            slot = self.next_slot()
             if slot is None:
-                break
+                return
             actor = None
-            if actors:
-                slot.actor = min(range(len(actors)), key=lambda a: (load[a], a))
-                load[slot.actor] += 1
-                actor = actors[slot.actor]
-            running[submit(slot.item, actor)] = slot
-        if not running:
-            time.sleep(max(0.0, retries[0][0] - time.time()))
-            continue
-        done, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
-        for ref in done:
-            slot = running.pop(ref)
-            stats.attempts[slot.index] = slot.attempt
-            if slot.actor is not None:
-                load[slot.actor] -= 1
-            try:
-                result = ray.get(ref)
-            except (KeyboardInterrupt, SystemExit):
+            if self.actors:
+                slot.actor = min(range(len(self.actors)), key=lambda a: (self.load[a], a))
+                self.load[slot.actor] += 1
+                actor = self.actors[slot.actor]
+            self.running[self.submit(slot.item, actor)] = slot
+
+    def settle(self, ref: Any) -> None:
+        import ray
+
+        slot = self.running.pop(ref)
+        self.stats.attempts[slot.index] = slot.attempt
+        if slot.actor is not None:
+            self.load[slot.actor] -= 1
+        try:
+            result = ray.get(ref)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - sorted into retry / failure below
+            retry = self.retry
+            retryable = isinstance(exc, retry.retry_on) or (retry.retry_if is not None and retry.retry_if(exc))
+            if retryable and slot.attempt < retry.max_attempts:
+                self.stats.retried += 1
+                again = _Slot(slot.index, slot.item, slot.attempt + 1, None)
+                heapq.heappush(self.retries, (time.time() + retry.wait_before(again.attempt), slot.index, again))
+                return
+            self.stats.failed += 1
+            self.stats.failures.append((slot.item, exc))
+            if self.on_failure is None:
                 raise
-            except BaseException as exc:  # noqa: BLE001 - sorted into retry / failure below
-                retryable = isinstance(exc, retry.retry_on) or (retry.retry_if is not None and retry.retry_if(exc))
-                if retryable and slot.attempt < retry.max_attempts:
-                    stats.retried += 1
-                    again = _Slot(slot.index, slot.item, slot.attempt + 1, None)
-                    heapq.heappush(retries, (time.time() + retry.wait_before(again.attempt), slot.index, again))
-                    continue
-                stats.failed += 1
-                stats.failures.append((slot.item, exc))
-                if on_failure is None:
-                    raise
-                on_failure(slot.item, exc)
-                release(slot.index, None)
+            self.on_failure(slot.item, exc)
+            self.release(slot.index, None)
+            return
+        self.stats.done += 1
+        self.release(slot.index, (slot.item, result))
+
+    def run(self) -> None:
+        import ray
+
+        while self.fresh or self.retries or self.running:
+            self.fill()
+            if not self.running:
+                time.sleep(max(0.0, self.retries[0][0] - time.time()))
                 continue
-            stats.done += 1
-            release(slot.index, (slot.item, result))
-    return stats
+            done, _ = ray.wait(list(self.running), num_returns=1, timeout=self.poll_s)
+            for ref in done:
+                self.settle(ref)
+
+    def cancel_in_flight(self) -> None:
+        import ray
+
+        for ref in list(self.running):
+            try:
+                ray.cancel(ref)
+            except Exception:  # noqa: BLE001 - already finished, or an actor task that cannot be cancelled
+                pass
+        self.running.clear()
 
 
 def task_error_message(exc: BaseException) -> str:

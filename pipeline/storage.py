@@ -52,7 +52,7 @@ def is_transient(exc: BaseException) -> bool:
                or c.__module__ in _NETWORK_MODULES for c in type(exc).__mro__)
 
 
-def retrying(fn: Callable[..., Any], *args: Any, attempts: int = 5, backoff_s: float = 0.5, **kwargs: Any) -> Any:
+def retrying(fn: Callable[..., Any], *args: Any, attempts: int = 3, backoff_s: float = 1.0, **kwargs: Any) -> Any:
     """Call ``fn`` again, with exponential backoff, while it fails with a transient storage error."""
     for attempt in range(1, attempts + 1):
         try:
@@ -73,6 +73,9 @@ class Storage:
     region: str | None = None
     #: anonymous access (public buckets)
     anon: bool = False
+    #: attempts of one S3 request inside the client (botocore's standard retry mode); s3fs and
+    #: replica retry a failed read a few more times with backoff on top (docs/RELIABILITY.md)
+    retries: int = 5
 
     @classmethod
     def from_env(cls) -> "Storage":
@@ -84,7 +87,7 @@ class Storage:
     def merged_with_env(self) -> "Storage":
         env = Storage.from_env()
         return Storage(endpoint_url=self.endpoint_url or env.endpoint_url, region=self.region or env.region,
-                       anon=self.anon)
+                       anon=self.anon, retries=self.retries)
 
     def options_for(self, protocol: str) -> dict[str, Any]:
         if protocol not in ("s3", "s3a"):
@@ -99,6 +102,7 @@ class Storage:
             opts["client_kwargs"] = client_kwargs
         if self.anon:
             opts["anon"] = True
+        opts["config_kwargs"] = {"retries": {"max_attempts": max(1, self.retries), "mode": "standard"}}
         # Listings must see objects written moments ago by other workers.
         opts["use_listings_cache"] = False
         return opts
