@@ -600,3 +600,11 @@ def test_login_shell_of_the_launcher_finds_the_image_venv(tmp_path):
     # Without venv.sh the same shell loses the venv: the failure the file fixes.
     r = run(unfixed)
     assert "/opt/venv/bin/ray" not in r.stdout and r.returncode != 0, r.stdout + r.stderr
+
+
+def test_scaling_doc_holds_the_cost_scripts_tables():
+    """docs/SCALING.md's money-and-time tables are bench/costs.py's output for bench/prices.yaml."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "costs.py")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert sum(line.startswith("| --- |") for line in r.stdout.splitlines()) == 5  # five tables
+    assert r.stdout in (ROOT / "docs" / "SCALING.md").read_text(), "rerun python bench/costs.py and paste its tables"
