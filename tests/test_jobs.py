@@ -1,4 +1,4 @@
-"""Deployment: the files under infra/ agree with the code, and jobs run through `ray job submit`.
+"""Jobs run through `ray job submit` (the files under infra/ are checked by tests/test_deploy.py).
 
 The job tests start a real Ray head (with the dashboard, whose job API `ray job submit` talks to)
 on 127.0.0.1 ports of their own, submit jobs/embed.py and jobs/pipeline.py with the repository
@@ -10,8 +10,6 @@ import collections
 import io
 import json
 import os
-import re
-import shlex
 import shutil
 import signal
 import socket
@@ -29,166 +27,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import EmbedConfig, IndexConfig, SearchConfig, build
-
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
-
-
-def load_docs(path: Path) -> list:
-    return list(yaml.safe_load_all(path.read_text()))
-
-
-def load_one(path: Path) -> dict:
-    docs = load_docs(path)
-    assert len(docs) == 1, f"{path} should hold one document"
-    return docs[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# infra/ files
-
-
-def test_every_infra_yaml_parses():
-    files = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
-    names = {str(p.relative_to(INFRA)) for p in files}
-    assert {"kuberay/rayjob.yaml", "kuberay/raycronjob.yaml", "ray-cluster.aws.yaml",
-            "pipeline.example.yaml", "runtime-env.yaml"} <= names
-    for path in files:
-        docs = load_docs(path)
-        assert docs and all(isinstance(d, dict) and d for d in docs), f"{path} holds an empty or non-mapping document"
-
-
-def referenced_jobs() -> dict[str, set[str]]:
-    """jobs/*.py named anywhere in infra/ and the deployment docs -> where."""
-    sources = [p for p in INFRA.rglob("*") if p.is_file()]
-    sources += [ROOT / "docs" / "DEPLOY.md", ROOT / "docs" / "GPU.md"]
-    found: dict[str, set[str]] = collections.defaultdict(set)
-    for path in sources:
-        for script in re.findall(r"\bjobs/[A-Za-z0-9_]+\.py\b", path.read_text()):
-            found[script].add(str(path.relative_to(ROOT)))
-    return found
-
-
-def test_job_commands_referenced_by_infra_and_docs_exist_and_start():
-    found = referenced_jobs()
-    assert "jobs/pipeline.py" in found and "jobs/embed.py" in found
-    for script, where in sorted(found.items()):
-        assert (ROOT / script).is_file(), f"{script} (named in {sorted(where)}) does not exist"
-        # The entrypoint imports and reaches its CLI command (lazy imports keep this fast).
-        r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0 and "Usage" in r.stdout, f"{script} --help failed:\n{r.stdout}\n{r.stderr}"
-
-
-def dockerfile_arg(path: Path, name: str) -> str:
-    m = re.search(rf"^ARG {name}=(\S+)$", path.read_text(), re.M)
-    assert m, f"{path.name} has no ARG {name}=..."
-    return m.group(1)
-
-
-def test_dockerfiles_copy_only_what_exists_and_the_build_context_admits():
-    allowed = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip().startswith("!")]
-    for name in ("Dockerfile", "Dockerfile.gpu"):
-        text = (INFRA / name).read_text()
-        copies = re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M)
-        assert copies, f"{name} copies nothing"
-        for line in copies:
-            for src in line.split():
-                assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist (build from the repo root)"
-                assert f"!{src}" in allowed or f"!{src}/" in allowed, f".dockerignore keeps {src} out of {name}'s context"
-    gpu = (INFRA / "Dockerfile.gpu").read_text()
-    assert dockerfile_arg(INFRA / "Dockerfile.gpu", "CUDA_IMAGE").startswith("nvidia/cuda:12.")
-    assert "pip uninstall -y faiss-cpu && pip install faiss-gpu-cu12" in gpu
-    # torch must not be PyPI's default build (CUDA 13) in the CUDA 12 image, nor a CUDA build in the CPU image
-    assert dockerfile_arg(INFRA / "Dockerfile.gpu", "TORCH_INDEX_URL").endswith("/cu128")
-    assert dockerfile_arg(INFRA / "Dockerfile", "TORCH_INDEX_URL").endswith("/cpu")
-
-
-def containers(cluster_spec: dict) -> list[dict]:
-    pods = [cluster_spec["headGroupSpec"]["template"]] + [g["template"] for g in cluster_spec["workerGroupSpecs"]]
-    return [c for pod in pods for c in pod["spec"]["containers"]]
-
-
-def test_rayjob_runs_the_pipeline_job_with_config_map_secret_and_gpu_workers():
-    rayjob = load_one(INFRA / "kuberay" / "rayjob.yaml")
-    assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")
-    spec = rayjob["spec"]
-    assert shlex.split(spec["entrypoint"]) == ["python", "jobs/pipeline.py", "--config", "/config/pipeline.yaml"]
-    cluster = spec["rayClusterSpec"]
-    assert cluster["rayVersion"] == dockerfile_arg(INFRA / "Dockerfile.gpu", "RAY_VERSION")
-
-    # the config file: a ConfigMap item pipeline.yaml mounted at /config on the head (the driver reads it)
-    head = cluster["headGroupSpec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in head["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
-    config_volume = volumes[mounts["/config"]]
-    assert [i["path"] for i in config_volume["configMap"]["items"]] == ["pipeline.yaml"]
-
-    # S3 credentials: AWS_* variables from one Secret, on every pod (workers read and write S3 too)
-    for c in containers(cluster):
-        env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
-        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env), c["name"]
-        assert all(name.startswith("AWS_") and ref["key"] == name for name, ref in env.items())
-        assert len({ref["name"] for ref in env.values()}) == 1
-        assert not env["AWS_ACCESS_KEY_ID"].get("optional")
-
-    gpu_groups = [g for g in cluster["workerGroupSpecs"]
-                  if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
-    assert gpu_groups, "no worker group asks for GPUs"
-    images = {c["image"] for c in containers(cluster)}
-    assert len(images) == 1 and next(iter(images)).endswith("-gpu")
-
-
-def test_raycronjob_schedules_exactly_the_rayjob_spec():
-    rayjob = load_one(INFRA / "kuberay" / "rayjob.yaml")
-    cron = load_one(INFRA / "kuberay" / "raycronjob.yaml")
-    assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
-    assert len(cron["spec"]["schedule"].split()) == 5
-    assert cron["spec"]["jobTemplate"] == rayjob["spec"]
-    # a run is stopped before the next weekly one starts
-    assert cron["spec"]["jobTemplate"]["activeDeadlineSeconds"] < 7 * 24 * 3600
-
-
-def test_cluster_launcher_config_passes_rays_own_validation():
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    raw = load_one(INFRA / "ray-cluster.aws.yaml")
-    config = prepare_config(raw)  # what `ray up` does first: fill in the AWS defaults
-    validate_config(config)
-    types = config["available_node_types"]
-    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
-    assert {"cpu_decode", "gpu"} <= set(types)
-    # Ray's default setup commands (pip installs at start) must not sneak in
-    assert config["setup_commands"] == config["head_setup_commands"] == config["worker_setup_commands"] == []
-    rayjob = load_one(INFRA / "kuberay" / "rayjob.yaml")
-    assert config["docker"]["image"] == containers(rayjob["spec"]["rayClusterSpec"])[0]["image"]
-
-
-def test_example_pipeline_config_builds_the_typed_configs():
-    from pipeline.index.factory import choose_factory, describe_factory
-    from pipeline.index.plan import plan_index
-
-    data = load_one(INFRA / "pipeline.example.yaml")
-    assert set(data) == {"embed", "index", "search"}
-    embed = build(EmbedConfig, data["embed"], "embed")
-    index = build(IndexConfig, data["index"], "index")
-    search = build(SearchConfig, data["search"], "search")
-    plan_index(index)
-    # the stages are chained, and everything lives on S3
-    assert index.embeddings == embed.output and search.index == index.index
-    urls = [*embed.input, embed.output, embed.embedder.checkpoint, index.index, search.queries, search.output,
-            search.subset, *search.blocklist]
-    assert all(u.startswith("s3://") for u in urls), urls
-    assert embed.gpus_per_actor == 1 and index.train_device == "auto"
-    # LAION-5B scale: the factory chosen for 5.85B vectors fits the memory budget
-    dim, n = 512, 5_850_000_000
-    factory = choose_factory(dim, n, int(index.memory_budget_gb * 2**30), max_nlist=index.max_nlist)
-    info = describe_factory(factory, dim, index.metric)
-    assert n * info.bytes_per_vector + info.fixed_bytes <= index.memory_budget_gb * 2**30
-    assert info.nlist == index.max_nlist and index.train_cap >= 39 * info.nlist
 
 
 # ---------------------------------------------------------------------------------------------

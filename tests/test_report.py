@@ -348,22 +348,44 @@ def test_html_escapes_untrusted_text(results):
     assert 'href="javascript:' not in page and "javascript:alert(1)" in page  # shown as text, not a link
 
 
-def test_duckdb_queries_from_docs(results, monkeypatch):
-    root, dirs, _ = results
-    sql = re.findall(r"```sql\n(.*?)```", (ROOT / "docs" / "RESULTS.md").read_text(), re.S)
+# Columns a newer version of the run writer added: an older run's files lack them.
+NEWER_QUERY_COLUMNS = ["copy_outside_subset_only"]
+NEWER_MATCH_COLUMNS = ["inliers", "verify_score", "query_box", "match_box"]
+
+
+@pytest.fixture(scope="module")
+def dated_results(tmp_path_factory, corpus):
+    """Two scheduled runs with ISO-date ids; the older one written before NEWER_*_COLUMNS existed."""
+    root = tmp_path_factory.mktemp("dated") / "results"
+    old = build_run(root, "2025-12-01", 3, corpus, n_queries=20, n_baseline=10)
+    new = build_run(root, "2025-12-08", 4, corpus, n_queries=30, n_baseline=10)
+    for name, dropped in (("queries.parquet", NEWER_QUERY_COLUMNS), ("matches.parquet", NEWER_MATCH_COLUMNS)):
+        table = pq.read_table(old / name)
+        pq.write_table(table.drop_columns(dropped), old / name)
+    return root, [old, new]
+
+
+def test_duckdb_queries_from_docs(dated_results, monkeypatch):
+    root, dirs = dated_results
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    sql = re.findall(r"```sql\n(.*?)```", doc, re.S)
     assert len(sql) == 3
     monkeypatch.chdir(root.parent)
     con = duckdb.connect()
-    queries = [r for d in dirs for r in pq.read_table(d / "queries.parquet").to_pylist()]
-    matches = [r for d in dirs for r in pq.read_table(d / "matches.parquet").to_pylist()]
+    # every row of both runs, the older run's missing columns read as None
+    queries = [{**dict.fromkeys(NEWER_QUERY_COLUMNS), **r} for d in dirs for r in pq.read_table(d / "queries.parquet").to_pylist()]
+    matches = [{**dict.fromkeys(NEWER_MATCH_COLUMNS), **r} for d in dirs for r in pq.read_table(d / "matches.parquet").to_pylist()]
+    assert all(q["copy_outside_subset_only"] is None for q in queries if q["run_id"] == "2025-12-01")
 
     per_run = con.execute(sql[0]).fetchall()
     expected = []
-    for run_id in ("run-a", "run-b"):
+    for run_id in ("2025-12-01", "2025-12-08"):
         rows = [q for q in queries if q["run_id"] == run_id]
+        flags = [q["copy_outside_subset_only"] for q in rows if q["copy_outside_subset_only"] is not None]
         expected.append((run_id, len(rows), sum(q["replicated"] for q in rows) / len(rows),
-                         sum(q["copy_outside_subset_only"] for q in rows)))
+                         sum(flags) if flags else None))
     assert [(r[0], r[1], pytest.approx(r[2]), r[3]) for r in per_run] == expected
+    assert expected[1][3], "the newer run should hold copies found only outside the subset"
 
     top = con.execute(sql[1]).fetchall()
     groups: dict[str, set] = {}
@@ -372,17 +394,24 @@ def test_duckdb_queries_from_docs(results, monkeypatch):
             groups.setdefault(m["dup_group"], set()).add((m["run_id"], m["query_key"]))
     assert {r[0]: r[4] for r in top} == {g: len(v) for g, v in groups.items()}
     assert [r[4] for r in top] == sorted((r[4] for r in top), reverse=True)
-    g2 = next(r for r in top if r[0] == "g2")
-    assert g2[3] == 2  # images 2 and 3 are one image with two training copies
-    assert {r[5] for r in top} <= {1, 2} and max(r[5] for r in top) == 2
+    assert max(r[5] for r in top) == 2  # an image copied in both runs
 
     outside = con.execute(sql[2]).fetchall()
-    want = sorted(((q["run_id"], q["query_key"]) for q in queries if q["copy_outside_subset_only"]))
+    want = sorted((q["run_id"], q["query_key"]) for q in queries if q["copy_outside_subset_only"])
     assert sorted((r[0], r[1]) for r in outside) == want and want
     best_match = {(m["run_id"], m["query_key"]): m for m in matches if m["rank"] == 1}
     for r in outside:
         m = best_match[(r[0], r[1])]
         assert r[5] == m["match_key"] and not m["in_subset"] and r[3] >= 0.5
+
+    # Each documented option is needed: without union_by_name the older run's columns win and the
+    # newer column is not found; without hive_types the date-like ids come back as dates.
+    options = ", hive_types = {'run_id': 'VARCHAR'}, union_by_name = true"
+    assert sql[0].count(options) == 1
+    with pytest.raises(duckdb.BinderException, match="copy_outside_subset_only"):
+        con.execute(sql[0].replace(options, ""))
+    dated = con.execute(sql[0].replace(options, ", union_by_name = true")).fetchall()
+    assert [type(r[0]).__name__ for r in dated] == ["date", "date"]
 
     # The README shows shortened copies of the same three queries: they agree.
     readme = re.findall(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
@@ -391,6 +420,15 @@ def test_duckdb_queries_from_docs(results, monkeypatch):
     assert short[0] == per_run
     assert [(r[0], r[3]) for r in short[1]] == [(r[0], r[4]) for r in top]
     assert [(r[0], r[1]) for r in short[2]] == [(r[0], r[1]) for r in outside]
+
+    # The pyarrow snippet keeps the newer column, None for the older run.
+    python = re.findall(r"```python\n(.*?)```", doc, re.S)
+    assert len(python) == 1
+    scope: dict = {}
+    exec(python[0], scope)
+    table = scope["queries"]
+    assert sorted(zip(table.column("run_id").to_pylist(), table.column("copy_outside_subset_only").to_pylist())) \
+        == sorted((q["run_id"], q["copy_outside_subset_only"]) for q in queries)
 
 
 def test_report_over_s3(s3_server, corpus, tmp_path):
