@@ -130,7 +130,8 @@ class IndexConfig:
     train_max_shards: int = 2048
     #: seed of the training sample
     seed: int = 0
-    #: "auto" = faiss-gpu when it is installed and CUDA is present; "cpu"; "cuda"
+    #: where k-means runs: "cuda" = a Ray task that asks for a GPU (the autoscaler adds one if needed);
+    #: "auto" = such a task when the cluster has a GPU now, else this process; "cpu" = this process
     train_device: str = choice("auto", "auto", "cpu", "cuda")
     #: embedding shards per add task (one index part each)
     group_size: int = 100

@@ -93,8 +93,9 @@ def sample_vectors(folder: EmbeddingsFolder, shards: list[str], n_sample: int, *
     return x, n_est
 
 
-def train_index(x: np.ndarray, factory: str, metric: str = "ip", device: str = "auto") -> tuple[Any, str]:
-    """Train an empty index of ``factory`` on ``x``; k-means on the GPU when asked/available."""
+def train_index(x: np.ndarray, factory: str, metric: str = "ip", gpu: bool = False) -> tuple[Any, str]:
+    """Train an empty index of ``factory`` on ``x``; k-means on this node's GPUs when ``gpu`` and
+    faiss has GPU support here (else on its CPUs, said in the returned device)."""
     import faiss
 
     index = faiss.index_factory(x.shape[1], factory, fac.metric_of(metric))
@@ -103,10 +104,8 @@ def train_index(x: np.ndarray, factory: str, metric: str = "ip", device: str = "
         # the factory turns on polysemous code reordering (simulated annealing, minutes of CPU)
         # that only polysemous search uses; we never search that way
         faiss.downcast_index(ivf_pq).do_polysemous_training = False
-    use_gpu = device == "cuda" or (device == "auto" and gpu_faiss_available())
-    if device == "cuda" and not gpu_faiss_available():
-        raise ConfigError("index.train_device is cuda but faiss has no GPU support or no GPU is visible")
-    used = "cpu"
+    use_gpu = gpu and gpu_faiss_available()
+    used = "cpu" if not gpu else "cpu (a GPU was asked for, but faiss on this node has no GPU support)"
     if use_gpu:
         ivf = faiss.extract_index_ivf(index)
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
@@ -117,7 +116,7 @@ def train_index(x: np.ndarray, factory: str, metric: str = "ip", device: str = "
     return index, used
 
 
-def _train_job(p: IndexPlan, shards: list[str], info: TrainedInfo, n_sample: int,
+def _train_job(p: IndexPlan, shards: list[str], info: TrainedInfo, n_sample: int, gpu: bool,
                progress: Progress | None = None) -> TrainedInfo:
     """Sample, train, write. Runs on the driver or inside a GPU Ray task."""
     import faiss
@@ -128,7 +127,11 @@ def _train_job(p: IndexPlan, shards: list[str], info: TrainedInfo, n_sample: int
     x, _ = sample_vectors(p.embeddings, shards, n_sample, max_shards=cfg.train_max_shards, seed=cfg.seed,
                           progress=progress)
     t1 = time.time()
-    index, device = train_index(x, info.factory, cfg.metric, cfg.train_device)
+    index, device = train_index(x, info.factory, cfg.metric, gpu)
+    if gpu:
+        import ray
+
+        device += f" on node {ray.get_runtime_context().get_node_id()[:12]}"
     t2 = time.time()
     data = faiss.serialize_index(index).tobytes()
     info.sha256 = sha256_bytes(data)
@@ -198,19 +201,33 @@ def _train_locked(p: IndexPlan, progress: Progress) -> TrainedInfo:
     progress.log(f"training on {n_sample:,} sampled vectors (corpus ~{n_est:,} in {len(shards)} shards)")
     info = TrainedInfo(**finfo.to_dict(), identity=identity, embeddings=p.embeddings.url, corpus_estimate=n_est,
                        registry_version=reg.version)
-    use_gpu_task = False
-    if cfg.train_device != "cpu":
+    if wants_gpu_task(cfg):
         import ray
 
-        from pipeline.ray_util import cluster_gpus, connect
+        # a task asking for a GPU: on an autoscaling cluster whose GPU nodes are gone after embed,
+        # the pending request is what makes the autoscaler add one
+        progress.log("training in a Ray task that asks for one GPU (it waits until the cluster has one)")
+        ref = ray.remote(num_gpus=1)(_train_job).remote(p, shards, info, n_sample, True)
+        waited = 0
+        while not ray.wait([ref], timeout=60)[0]:
+            waited += 60
+            progress.log(f"index train: waiting {waited}s for the GPU task (pending until a node with a GPU joins)")
+        return ray.get(ref)
+    return _train_job(p, shards, info, n_sample, False, progress)
 
-        if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-            connect(cfg.ray.address)
-            use_gpu_task = cluster_gpus() >= 1
-    if use_gpu_task:
-        import ray
 
-        progress.log("training in a Ray task on one GPU")
-        task = ray.remote(num_gpus=1)(_train_job)
-        return ray.get(task.remote(p, shards, info, n_sample))
-    return _train_job(p, shards, info, n_sample, progress)
+def wants_gpu_task(cfg: IndexConfig) -> bool:
+    """``cuda``: always (ask the cluster for a GPU); ``auto``: when the cluster has a GPU now; ``cpu``: never."""
+    if cfg.train_device == "cpu":
+        return False
+    import ray
+
+    from pipeline.ray_util import cluster_gpus, connect
+
+    if cfg.train_device == "cuda":
+        connect(cfg.ray.address)
+        return True
+    if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        connect(cfg.ray.address)
+        return cluster_gpus() >= 1
+    return False
