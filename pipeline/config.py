@@ -320,7 +320,8 @@ def load_file(path: str | None) -> dict[str, Any]:
     try:
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - any parse error becomes a config error
-        raise ConfigError(f"config file {path!r} cannot be parsed: {exc}") from exc
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "^")
+        raise ConfigError(f"config file {path!r} cannot be parsed: {detail}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

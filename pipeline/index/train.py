@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError, MismatchError
 from pipeline.index import factory as fac
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.registry import Registry
-from pipeline.layout.embeddings import EmbeddingsFolder, vectors_of
+from pipeline.layout.embeddings import EmbeddingsFolder, check_columns, vectors_of
 from pipeline.layout.index import TrainedInfo, sha256_bytes
 from pipeline.progress import NullProgress, Progress
 
@@ -45,7 +45,9 @@ def read_ok_vectors(folder: EmbeddingsFolder, shard: str, positions: np.ndarray 
     with folder.open(folder.parquet_name(shard)) as f:
         import pyarrow.parquet as pq
 
-        table = pq.ParquetFile(f).read(columns=["row", "status", "embedding"])
+        pf = pq.ParquetFile(f)
+        check_columns(pf.schema_arrow, folder.parquet_url(shard))
+        table = pf.read(columns=["row", "status", "embedding"])
     if positions is not None:
         table = table.take(pa.array(np.sort(positions)))
     ok = pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("embedding")))
@@ -156,13 +158,17 @@ def _train_locked(p: IndexPlan, progress: Progress) -> TrainedInfo:
     cfg = p.cfg
     identity = p.embeddings.read_info().identity
     reg = Registry.load_or_create(p.index, p.embeddings, identity)
-    new = reg.register_complete()
-    if new:
-        reg.save(p.index)
-        progress.log(f"registered {len(new)} new shard(s); registry version {reg.version}, {len(reg)} shards")
+    new = reg.register_complete()  # saved once the settings are known to work
+
+    def save_registry() -> None:
+        if new:
+            reg.save(p.index)
+            progress.log(f"registered {len(new)} new shard(s); registry version {reg.version}, {len(reg)} shards")
+
     if len(reg) == 0:
         raise ConfigError(f"{cfg.embeddings!r} has no complete shards (no shard's stats file is written yet)")
     if p.index.is_trained():
+        save_registry()
         info = p.index.read_trained_info()
         if cfg.factory and cfg.factory != info.factory:
             raise MismatchError(
@@ -193,10 +199,14 @@ def _train_locked(p: IndexPlan, progress: Progress) -> TrainedInfo:
         factory = fac.choose_factory(dim, n_est, budget, max_nlist=cfg.max_nlist, nlist=cfg.nlist)
     finfo = fac.describe_factory(factory, dim, cfg.metric)
     n_sample = cfg.train_size or fac.default_train_size(finfo.nlist, n_est, cfg.train_cap)
-    if n_sample < finfo.nlist:
+    need = fac.min_training_points(factory, dim, cfg.metric)
+    if min(n_sample, n_est) < need:
         raise ConfigError(
-            f"training sample {n_sample:,} is smaller than nlist {finfo.nlist}: lower nlist or raise index.train_size"
+            f"{factory} needs at least {need:,} training vectors (one per IVF list and PQ codeword), but only "
+            f"{min(n_sample, n_est):,} are available: use a smaller factory (fewer lists, Flat codes) or leave "
+            "--factory empty to have one chosen"
         )
+    save_registry()
     progress.log(f"index factory {finfo.describe(n_est)}")
     progress.log(f"training on {n_sample:,} sampled vectors (corpus ~{n_est:,} in {len(shards)} shards)")
     info = TrainedInfo(**finfo.to_dict(), identity=identity, embeddings=p.embeddings.url, corpus_estimate=n_est,
