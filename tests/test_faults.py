@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,64 +25,10 @@ from pipeline.index.merge import run_merge
 from pipeline.index.train import run_train
 from pipeline.layout.index import IndexFolder
 from pipeline.search import run_search
+from pipeline.testing.faults import Killer
 
 RNG = random.Random(20261201)
 REPLICA = [sys.executable, "-m", "pipeline.cli"]
-
-
-def descends_from_us(pid: int) -> bool:
-    """Only processes of this test's own Ray are ever killed."""
-    me = os.getpid()
-    while pid > 1:
-        if pid == me:
-            return True
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return False
-    return False
-
-
-def ray_processes(title: str) -> list[int]:
-    """Ray worker processes of ours whose title (``ray::<task or actor>``) starts with ``title``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if cmdline.startswith(f"ray::{title}") and descends_from_us(int(entry.name)):
-                found.append(int(entry.name))
-    return found
-
-
-def kill_one(titles: list[str], give_up_s: float = 30) -> tuple[str, int] | None:
-    """SIGKILL one live process of one of the given kinds (waiting until one exists)."""
-    end = time.time() + give_up_s
-    while time.time() < end:
-        for title in titles:
-            pids = ray_processes(title)
-            if pids:
-                pid = RNG.choice(pids)
-                os.kill(pid, signal.SIGKILL)
-                return title, pid
-        time.sleep(0.01)
-    return None
-
-
-class Killer(threading.Thread):
-    """After a random delay, kills one live process of the given kinds."""
-
-    def __init__(self, titles: list[str], delay_s: float):
-        super().__init__(daemon=True)
-        self.titles, self.delay_s, self.killed = titles, delay_s, []
-
-    def run(self) -> None:
-        time.sleep(self.delay_s)
-        found = kill_one(self.titles)
-        if found:
-            self.killed.append(found)
 
 
 def parquet_bytes(folder: Path) -> dict[str, bytes]:
@@ -153,7 +98,7 @@ def baseline(ray_local, tmp_path_factory):
 def test_embed_survives_a_killed_actor_or_decode_worker(baseline, trial, tmp_path):
     title = ["EmbedActor", "embed_shard"][trial % 2]
     at_shard = RNG.randint(1, 4)  # the kill lands while later tars are in flight
-    killer, done = Killer([title], 0.0), []
+    killer, done = Killer([title], 0.0, RNG), []
 
     def on_shard(stats) -> None:  # the killer looks while the run goes on
         done.append(stats.shard)
@@ -174,7 +119,7 @@ def test_index_add_survives_a_killed_worker(baseline, trial, tmp_path):
     shutil.copytree(baseline["trained"], index)
     cfg = IndexConfig(**{**baseline["index"].__dict__, "index": str(index)})
     at_part, parts = RNG.randint(0, 3), []
-    killer = Killer(["add_part"], 0.0)
+    killer = Killer(["add_part"], 0.0, RNG)
     if at_part == 0:
         killer.start()
 
@@ -195,7 +140,7 @@ def test_index_add_survives_a_killed_worker(baseline, trial, tmp_path):
 @pytest.mark.parametrize("trial", range(4))
 def test_search_survives_a_killed_verification_worker(baseline, trial, tmp_path):
     cfg = SearchConfig(**{**baseline["search"].__dict__, "output": str(tmp_path), "run_id": f"killed-{trial}"})
-    killer = Killer(["verify_query"], RNG.uniform(0.0, 2.0))
+    killer = Killer(["verify_query"], RNG.uniform(0.0, 2.0), RNG)
     killer.start()
     run = Path(run_search(cfg).run_url)
     killer.join()
