@@ -5,7 +5,8 @@
 
 Runs what the embed stage's decode task runs (``iter_samples`` + ``row_for`` with an embedder's
 preprocessing) in a fresh process per embedder and reports that process's own peak RSS
-(``ru_maxrss``), before and after reading the tar. The target is <= 1.5 GB.
+(``VmHWM`` of /proc/self/status: ``ru_maxrss`` would carry the parent's peak across exec), before
+and after reading the tar. The target is <= 1.5 GB.
 """
 from __future__ import annotations
 
@@ -69,10 +70,16 @@ def build(path: Path) -> None:
             print(f"  JPEG {i + 1}/10: {len(data) / 2**20:.1f} MiB", flush=True)
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak resident set, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def measure(tar: str, embedder: str) -> dict:
     """In this (fresh) process: decode the tar as the decode task does; peak RSS in MiB."""
-    import resource
-
     from pipeline.config import EmbedderConfig
     from pipeline.embed import row_for
     from pipeline.embedders import build_preprocessor
@@ -80,13 +87,13 @@ def measure(tar: str, embedder: str) -> dict:
 
     # sscd's preprocessing decodes every image at full size before resizing (no weights needed for it)
     preprocess = build_preprocessor(EmbedderConfig(name="default" if embedder == "default" else "sscd"))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = peak_rss_mib()
     read = TarReadResult()
     statuses = []
     for sample in iter_samples(tar, result=read, max_member_bytes=MAX_MEMBER_BYTES):
         row, _ = row_for(sample, preprocess, MAX_MEMBER_BYTES)
         statuses.append(row.status)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     return {"embedder_preprocessing": embedder, "rows": len(statuses), "statuses": statuses,
             "skipped": dict(read.skipped), "peak_rss_mib_before": round(before, 1), "peak_rss_mib": round(peak, 1)}
 
