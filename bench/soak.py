@@ -46,11 +46,11 @@ def keys_and_bytes(folder: Path) -> tuple[list[str], dict[str, bytes]]:
 def index_pairs(index: IndexFolder) -> collections.Counter:
     import faiss
 
-    from pipeline.index.merge import read_ondisk
+    from pipeline.index.merge import read_shard
 
     pairs: collections.Counter = collections.Counter()
     for shard in index.read_manifest().shards:
-        idx = read_ondisk(index.child(shard.index))
+        idx = read_shard(index.child(shard.index), in_ram=not shard.ivfdata)
         inv = faiss.extract_index_ivf(idx).invlists
         for lst in range(inv.nlist):
             n = inv.list_size(lst)

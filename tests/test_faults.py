@@ -39,11 +39,11 @@ def lists_of(index: IndexFolder) -> dict[int, list[tuple[int, bytes]]]:
     """Every inverted list of every index shard: sorted (id, code) pairs, the index's content."""
     import faiss
 
-    from pipeline.index.merge import read_ondisk
+    from pipeline.index.merge import read_shard
 
     content: dict[int, list] = {}
     for shard in index.read_manifest().shards:
-        idx = read_ondisk(index.child(shard.index))
+        idx = read_shard(index.child(shard.index), in_ram=not shard.ivfdata)
         inv = faiss.extract_index_ivf(idx).invlists
         for lst in range(inv.nlist):
             n = inv.list_size(lst)

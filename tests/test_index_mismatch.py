@@ -91,10 +91,16 @@ def test_registry_of_another_folder_or_identity(built, tmp_path):
 def test_factory_choice_and_bad_settings():
     f = fac.choose_factory(512, 1_000_000, int(0.1 * 2**30), max_nlist=4096)
     info = fac.describe_factory(f, 512)
-    assert f == "IVF4096,PQ64x8" and info.code_size == 64 and info.bytes_per_vector == 72
-    assert fac.choose_factory(512, 10**6, int(0.1 * 2**30), max_nlist=4096, opq=True).startswith("OPQ64_512,")
+    assert f == "OPQ128_512,IVF4096,PQ128x4fsr" and info.code_size == 64 and info.bytes_per_vector == 72
+    assert fac.choose_factory(512, 10**6, int(0.1 * 2**30), max_nlist=4096, opq=False, fast_scan=False) == \
+        "IVF4096,PQ64x8"
     big = fac.choose_factory(768, 5_850_000_000, 5_850_000_000 * 72)
-    assert "IVF131072_HNSW32" in big and big.endswith("PQ48x8")
+    assert "IVF131072_HNSW32" in big and big.endswith("PQ96x4fsr")
+    assert fac.choose_factory(64, 5_000, 10**9) == "IVF128,Flat"  # too few vectors to train PQ codebooks
+    # fixed sizes: centroids once (not again for the HNSW graph's storage), links, PQ tables, OPQ matrix
+    hnsw = fac.describe_factory("OPQ128_512,IVF131072_HNSW32,PQ128x4fsr", 512)
+    centroids, links, pq_tables, opq = 131072 * 512 * 4, 131072 * 64 * 4, 128 * 16 * 4 * 4, 512 * 512 * 4
+    assert hnsw.fixed_bytes == centroids + links + pq_tables + opq
     with pytest.raises(ConfigError, match="too small"):
         fac.choose_factory(512, 10**9, 2**30)
     with pytest.raises(ConfigError, match="not valid"):

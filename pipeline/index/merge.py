@@ -15,6 +15,7 @@ import tempfile
 
 from pipeline.config import IndexConfig
 from pipeline.errors import ConfigError, MismatchError
+from pipeline.index.factory import is_fast_scan
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.registry import Registry
 from pipeline.layout.index import (IndexFolder, IndexShard, Manifest, PartRecord, TrainedInfo, invlists_path,
@@ -23,15 +24,36 @@ from pipeline.progress import NullProgress, Progress
 from pipeline.storage import file_sha256
 
 
-def read_ondisk(path: str):
-    """Read an index whose inverted lists live in a .ivfdata file beside it.
-
-    IO_FLAG_ONDISK_SAME_DIR finds the .ivfdata next to the index file; never IO_FLAG_MMAP
-    here (faiss-cpu 1.15 segfaults searching an on-disk index read with it).
-    """
+def read_shard(path: str, in_ram: bool):
+    """Read an index shard: into RAM (fast-scan shards), or with its inverted lists left in the
+    .ivfdata file beside it (IO_FLAG_ONDISK_SAME_DIR; never IO_FLAG_MMAP there: faiss-cpu 1.15
+    segfaults searching an on-disk index read with it)."""
     import faiss
 
-    return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+    return faiss.read_index(path) if in_ram else faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+def merge_in_ram(trained_bytes: bytes, inputs: list[str], out_index: str) -> int:
+    """Merge ``inputs`` (local index files) into one index held in RAM, written to ``out_index``.
+
+    Fast-scan lists are kept in blocks that OnDiskInvertedLists cannot take: a fast-scan shard is
+    merged, stored and served whole, so its size is bounded by ``shard_memory_gb``. Parts are
+    memory-mapped and merged one at a time (``merge_from`` moves their lists). Returns ntotal.
+    """
+    import faiss
+    import numpy as np
+
+    index = faiss.deserialize_index(np.frombuffer(trained_bytes, dtype=np.uint8))
+    ivf = faiss.extract_index_ivf(index)
+    if index.ntotal != 0:
+        raise ValueError("the trained index must be empty")
+    for p in inputs:
+        part = faiss.read_index(p, faiss.IO_FLAG_MMAP)
+        ivf.merge_from(faiss.extract_index_ivf(part), 0)
+        del part
+    index.ntotal = ivf.ntotal
+    faiss.write_index(index, out_index)
+    return int(index.ntotal)
 
 
 def merge_to_ondisk(trained_bytes: bytes, inputs: list[str], out_index: str, ondisk_inputs: bool = False) -> int:
@@ -46,7 +68,7 @@ def merge_to_ondisk(trained_bytes: bytes, inputs: list[str], out_index: str, ond
     holders = []
     vec = faiss.InvertedListsPtrVector()
     for p in inputs:
-        idx = read_ondisk(p) if ondisk_inputs else faiss.read_index(p, faiss.IO_FLAG_MMAP)
+        idx = read_shard(p, in_ram=False) if ondisk_inputs else faiss.read_index(p, faiss.IO_FLAG_MMAP)
         holders.append(idx)
         vec.push_back(faiss.extract_index_ivf(idx).invlists)
     index = faiss.deserialize_index(np.frombuffer(trained_bytes, dtype=np.uint8))
@@ -65,37 +87,45 @@ def merge_to_ondisk(trained_bytes: bytes, inputs: list[str], out_index: str, ond
 
 def merge_shard(index: IndexFolder, name: str, parts: list[str], fanin: int = 64, threads: int = 1,
                 workdir: str | None = None) -> IndexShard:
-    """Build index shard ``name`` from ``parts`` (part names); staged when there are more than ``fanin``."""
+    """Build index shard ``name`` from ``parts`` (part names): in RAM for fast-scan codes; otherwise
+    into on-disk inverted lists, staged when there are more than ``fanin`` parts."""
     import faiss
 
     if fanin < 2:
         raise ConfigError(f"merge fan-in must be >= 2, got {fanin}")
     faiss.omp_set_num_threads(max(1, int(threads)))
-    trained, _ = index.read_trained()
+    trained, info = index.read_trained()
     tmp = tempfile.mkdtemp(prefix=f"merge-{name}-", dir=workdir)
     try:
         files = [index.local_copy(index.part_rel(p), cache_dir=tmp) for p in parts]
+        final_dir = os.path.join(tmp, "final")
+        os.makedirs(final_dir)
+        out = os.path.join(final_dir, f"{name}.index")
+        index_rel, ivfdata_rel = index.shard_rels(name)
+        if is_fast_scan(info.factory):
+            ntotal = merge_in_ram(trained, files, out)
+            shard = IndexShard(name=name, index=index_rel, ivfdata="", ntotal=ntotal, parts=parts,
+                               trained_sha256=sha256_bytes(trained), index_bytes=os.path.getsize(out),
+                               index_sha256=file_sha256(out))
+            index.publish_file(out, index_rel)
+            return shard
         ondisk = False
         stage = 0
         while len(files) > fanin:  # stage: fan-in groups -> intermediate on-disk indexes
             nxt = []
             for j in range(0, len(files), fanin):
-                out = os.path.join(tmp, f"stage{stage}-{j // fanin:05d}.index")
-                merge_to_ondisk(trained, files[j : j + fanin], out, ondisk_inputs=ondisk)
-                nxt.append(out)
+                staged = os.path.join(tmp, f"stage{stage}-{j // fanin:05d}.index")
+                merge_to_ondisk(trained, files[j : j + fanin], staged, ondisk_inputs=ondisk)
+                nxt.append(staged)
             if ondisk:  # the previous stage's intermediates are no longer needed
                 for f in files:
                     os.remove(f)
                     os.remove(invlists_path(f))
             files, ondisk, stage = nxt, True, stage + 1
-        final_dir = os.path.join(tmp, "final")
-        os.makedirs(final_dir)
-        out = os.path.join(final_dir, f"{name}.index")
         ntotal = merge_to_ondisk(trained, files, out, ondisk_inputs=ondisk)
         ivfdata = invlists_path(out)
         index_bytes, ivf_bytes = os.path.getsize(out), os.path.getsize(ivfdata)
         sums = file_sha256(out), file_sha256(ivfdata)
-        index_rel, ivfdata_rel = index.shard_rels(name)
         # publish the data file first, the small index file (which names it) last
         index.publish_file(ivfdata, ivfdata_rel)
         index.publish_file(out, index_rel)
@@ -122,6 +152,8 @@ def pack_parts(parts: list[PartRecord], capacity: int) -> list[list[PartRecord]]
 
 def shard_capacity(trained: TrainedInfo, shard_memory_gb: float) -> int:
     budget = shard_memory_gb * 2**30 - trained.fixed_bytes
+    if is_fast_scan(trained.factory):  # lists are stored in blocks of 32 codes: half a block wasted a list
+        budget -= trained.nlist * 16 * trained.code_size
     if budget <= trained.bytes_per_vector:
         raise ConfigError(
             f"index.shard_memory_gb={shard_memory_gb} does not even hold the fixed structures "

@@ -53,12 +53,15 @@ def local_shard_path(index: IndexFolder, shard: IndexShard, cache_dir: str | Non
     checked against the manifest's checksums (once per local copy)."""
     cache = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "replica-index")
     key = f"{shard.name}|{shard.trained_sha256}|{shard.ntotal}"
-    data = index.local_copy(shard.ivfdata, cache, key)  # the data file first: the index file names it
+    # the data file first: the index file names it (a shard held in RAM has none)
+    data = index.local_copy(shard.ivfdata, cache, key) if shard.ivfdata else None
     path = index.local_copy(shard.index, cache, key)
     if shard.index_sha256:
         verified = f"{path}.verified"
         if index.local or not os.path.exists(verified):
             for file, want in ((path, shard.index_sha256), (data, shard.ivfdata_sha256)):
+                if file is None:
+                    continue
                 if file_sha256(file) != want:
                     raise MismatchError(f"index shard {shard.name}: {file} does not match the manifest's checksum "
                                         "(corrupt or replaced): rebuild it with `replica index merge` into a new index")
@@ -74,13 +77,13 @@ class ShardSet:
                  cache_dir: str | None = None):
         import faiss
 
-        from pipeline.index.merge import read_ondisk
+        from pipeline.index.merge import read_shard
 
         if threads:
             faiss.omp_set_num_threads(int(threads))
         self.metric = metric
         self.names = [s.name for s in shards]
-        self.indexes = [read_ondisk(local_shard_path(index, s, cache_dir)) for s in shards]
+        self.indexes = [read_shard(local_shard_path(index, s, cache_dir), in_ram=not s.ivfdata) for s in shards]
         for s, idx in zip(shards, self.indexes):
             if idx.ntotal != s.ntotal:
                 raise MismatchError(f"index shard {s.name} holds {idx.ntotal} vectors, the manifest says {s.ntotal}")
