@@ -177,7 +177,7 @@ def rerank_cost(index: IndexFolder, reg: Registry, dim: int, all_ids: np.ndarray
     out = {}
     sources = [("parquet", ParquetVectors(reg, dim))]
     if has_side:
-        sources.insert(0, ("side_file", SideFileVectors(index, dim)))
+        sources.insert(0, ("side_file", SideFileVectors(index.vectors_folder, dim)))
     for name, src in sources:
         times = []
         for rep in range(3):
@@ -315,7 +315,7 @@ def main() -> None:
         if cfg.write_vectors:
             t = time.time()
             _, cand = searcher.search(queries, args.rerank_candidates, nprobe)
-            _, rr = exact_rerank(queries, cand, SideFileVectors(index, args.dim), 10)
+            _, rr = exact_rerank(queries, cand, SideFileVectors(index.vectors_folder, args.dim), 10)
             row["rerank_qps"] = round(len(queries) / (time.time() - t), 1)
             row["recall@1_rerank"] = recall(rr, truth, 1)
             row["recall@10_rerank"] = recall(rr, truth, 10)

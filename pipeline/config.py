@@ -216,9 +216,12 @@ class SearchConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     #: matches kept per query
     top_k: int = 10
-    #: ANN candidates per query region before the exact rerank
+    #: ANN candidates per query region (per query without regions: at least rerank_depth)
     candidates: int = 100
-    #: IVF lists probed; 0 = the index's default
+    #: corpus images per query rescored exactly on their stored vectors (after merging the query's
+    #: regions); 0 = what the index's tuning measured (index tune), else 400
+    rerank_depth: int = 0
+    #: IVF lists probed; 0 = what the index's tuning measured, else 64
     nprobe: int = 0
     #: also search several regions of each query (when the embedder offers it)
     regions: bool = True

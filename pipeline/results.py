@@ -93,6 +93,7 @@ def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, cou
     settings = to_dict(cfg)
     settings["run_id"] = plan.run_id
     settings["nprobe"] = nprobe
+    settings["rerank_depth"] = plan.rerank_depth
     settings["embedder"] = to_dict(plan.embedder)
     return RunRecord(
         run_id=plan.run_id,
@@ -107,6 +108,7 @@ def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, cou
                     "calibrated": calibrated},
         fpr=cfg.fpr,
         index={"url": cfg.index, "factory": manifest.factory, "ntotal": manifest.ntotal, "nprobe": nprobe,
+               "rerank_depth": plan.rerank_depth, "settings_from": plan.settings_from, "tuned": manifest.tuned,
                "estimated_recall": self_recall,
                "estimated_recall_method": "share of baseline corpus vectors retrieved as themselves "
                                           "within the candidates, after exact rerank"},

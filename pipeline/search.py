@@ -32,6 +32,10 @@ from pipeline.layout.index import IndexFolder, Manifest
 from pipeline.layout.runs import ResultsFolder, RunFolder, RunSummary
 from pipeline.progress import NullProgress, Progress
 
+#: used when neither the config nor the index's tuning says otherwise
+DEFAULT_NPROBE = 64
+DEFAULT_RERANK_DEPTH = 400
+
 
 @dataclass
 class Candidate:
@@ -67,6 +71,11 @@ class SearchPlan:
     embedder: EmbedderConfig
     run_id: str
     run: RunFolder
+    #: lists probed and images rescored per query: the config's, or what the index's tuning measured
+    nprobe: int
+    rerank_depth: int
+    #: where they came from ("config", "index tuning", "default")
+    settings_from: str
 
 
 @dataclass
@@ -110,7 +119,13 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
         results.check_writable()
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"cannot write to output {cfg.output!r}: {type(exc).__name__}: {exc}") from exc
-    return SearchPlan(cfg, index, manifest, embedder, run_id, results.run(run_id))
+    tuned = manifest.tuned or {}
+    nprobe = cfg.nprobe or int(tuned.get("nprobe") or DEFAULT_NPROBE)
+    depth = cfg.rerank_depth or int(tuned.get("rerank_depth") or DEFAULT_RERANK_DEPTH)
+    source = "config" if cfg.nprobe and cfg.rerank_depth else ("index tuning" if tuned else "default")
+    if depth < cfg.top_k:
+        raise ConfigError(f"rerank_depth {depth} is smaller than top_k {cfg.top_k}")
+    return SearchPlan(cfg, index, manifest, embedder, run_id, results.run(run_id), nprobe, depth, source)
 
 
 # --------------------------------------------------------------------------- the search
@@ -130,29 +145,32 @@ def embed_queries(embedder, images, regions: bool) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(vecs).astype(np.float32), np.array(owner), boxes
 
 
-def candidate_search(vecs, owner, n_owners, searcher, source, cfg: SearchConfig) -> list[dict[int, Candidate]]:
-    """ANN candidates of every region vector, rescored exactly, merged per owner and corpus image."""
-    from pipeline.index.rerank import exact_rerank
+def candidate_search(vecs, owner, n_owners, searcher, source, cfg: SearchConfig, depth: int) -> list[dict[int, Candidate]]:
+    """Per query: its best ``depth`` corpus images, rescored exactly.
 
-    ann_scores, ann_ids = searcher.search(vecs, cfg.candidates)
-    exact_scores, exact_ids = exact_rerank(vecs, ann_ids, source, cfg.candidates)
-    return best_per_corpus_image(owner, ann_scores, ann_ids, exact_scores, exact_ids, n_owners)
-
-
-def best_per_corpus_image(owner, ann_scores, ann_ids, exact_scores, exact_ids, n_queries) -> list[dict[int, Candidate]]:
-    """Per query: corpus id -> its best-scoring region (exact score), with that region's ANN score."""
-    per_query: list[dict[int, Candidate]] = [dict() for _ in range(n_queries)]
+    Every query vector (region) brings its ANN candidates; a corpus image keeps its best ANN score
+    over the query's regions and its best rank in any one region's list; the ``depth`` best go
+    to the exact rescoring next to the index shards, which scores each against all the query's
+    regions (the best one wins). ``depth`` counts images per query, not per region.
+    """
+    k = cfg.candidates if len(owner) > n_owners else max(cfg.candidates, depth)
+    ann_scores, ann_ids = searcher.search(vecs, k)
+    per_query: list[dict[int, list]] = [dict() for _ in range(n_owners)]  # id -> [best ANN score, best rank]
     for r in range(len(owner)):
-        ann = {int(i): float(s) for s, i in zip(ann_scores[r], ann_ids[r]) if i >= 0}
         found = per_query[owner[r]]
-        for rank, (s, i) in enumerate(((s, int(i)) for s, i in zip(exact_scores[r], exact_ids[r]) if i >= 0), 1):
-            c = found.get(i)
-            if c is None:
-                c = found[i] = Candidate(i, ann.get(i, float("nan")), float(s), r)
-            elif s > c.score_exact:
-                c.score_index, c.score_exact, c.region = ann.get(i, float("nan")), float(s), r
-            c.region_rank = min(c.region_rank, rank)
-    return per_query
+        for rank, (s, i) in enumerate(zip(ann_scores[r].tolist(), ann_ids[r].tolist()), 1):
+            if i < 0:
+                continue
+            seen = found.get(i)
+            if seen is None:
+                found[i] = [s, rank]
+            else:
+                seen[0], seen[1] = max(seen[0], s), min(seen[1], rank)
+    cand = [np.array(sorted(found, key=lambda i: (-found[i][0], i))[:depth], np.int64) for found in per_query]
+    exact = searcher.rescore(vecs, owner, cand, fallback=source)
+    return [{int(i): Candidate(int(i), float(found[int(i)][0]), float(s), int(r), region_rank=found[int(i)][1])
+             for i, s, r in zip(ids, scores, rows)}
+            for found, ids, (scores, rows) in zip(per_query, cand, exact)]
 
 
 def blocked(row: dict[str, Any], blocklist: set[str]) -> bool:
@@ -226,15 +244,14 @@ def verify_stage(queries, picks: list[list[Candidate]], cfg: SearchConfig, count
 
 def neighbours(ids: list[int], searcher, source, cfg: SearchConfig) -> dict[int, list[tuple[float, int]]]:
     """Each corpus id's nearest corpus images, itself included: [(exact score, id)], best first."""
-    from pipeline.index.rerank import exact_rerank
-
     if not ids:
         return {}
     vecs = source.fetch(np.asarray(ids, dtype=np.int64))
-    k = cfg.dup_neighbours + 1
-    _, ann_ids = searcher.search(vecs, k)
-    scores, nn = exact_rerank(vecs, ann_ids, source, k)
-    return {i: [(float(s), int(n)) for s, n in zip(s_row, n_row) if n >= 0] for i, s_row, n_row in zip(ids, scores, nn)}
+    _, ann_ids = searcher.search(vecs, cfg.dup_neighbours + 1)
+    cand = [row[row >= 0] for row in ann_ids]
+    exact = searcher.rescore(vecs, np.arange(len(ids)), cand, fallback=source)
+    return {i: sorted(((float(s), int(n)) for s, n in zip(scores, c)), key=lambda p: (-p[0], p[1]))
+            for i, c, (scores, _) in zip(ids, cand, exact)}
 
 
 def sample_baseline_ids(registry, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -297,11 +314,11 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
         embedder = build_embedder(plan.embedder, storage)
         qvecs, owner, boxes = embed_queries(embedder, [q.image for q in queries], cfg.regions)
     with IndexSearcher(plan.index, identity=embedder.identity(), ray_address=cfg.ray.address,
-                       **({"nprobe": cfg.nprobe} if cfg.nprobe else {})) as searcher:
+                       nprobe=plan.nprobe) as searcher:
         source = source_for(plan.index, plan.manifest)
         registry = Registry.load(plan.index)
         with progress.step(f"searching {len(qvecs)} query regions across {len(plan.manifest.shards)} index shards"):
-            per_query = candidate_search(qvecs, owner, len(queries), searcher, source, cfg)
+            per_query = candidate_search(qvecs, owner, len(queries), searcher, source, cfg, plan.rerank_depth)
 
         with progress.step("dropping blocklisted candidates and reading their rows"):
             by_id = rows_by_id(sorted({i for found in per_query for i in found}), registry)
@@ -326,7 +343,8 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
         with progress.step("counting near-duplicates of the matches"):
             groups = neighbours(sorted({c.id for p in picks for c in p}), searcher, source, cfg)
         with progress.step(f"baseline: {cfg.baseline_size} corpus images searched like the queries"):
-            baseline, self_recall = run_baseline(cfg, plan.run_id, embedder, searcher, source, registry, blocklist,
+            baseline, self_recall = run_baseline(cfg, plan.run_id, plan.rerank_depth, embedder, searcher, source,
+                                                 registry, blocklist,
                                                  counters)
         nprobe = searcher.nprobe
 
@@ -342,7 +360,8 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     return SearchResult(summary=summary, run_url=plan.run.url, nprobe=nprobe)
 
 
-def run_baseline(cfg: SearchConfig, run_id: str, embedder, searcher, source, registry, blocklist, counters):
+def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher, source, registry, blocklist,
+                 counters):
     """The corpus's self-similarity, measured the way queries are scored.
 
     Sampled corpus images are fetched, embedded (regions included when queries use them) and
@@ -362,7 +381,7 @@ def run_baseline(cfg: SearchConfig, run_id: str, embedder, searcher, source, reg
         images = [fetch_image(rows[i], cfg.s3) for i in ids]
         counters["pixels_fetched"] += len(images)
         vecs, owner, _ = embed_queries(embedder, images, True)
-        found = candidate_search(vecs, owner, len(ids), searcher, source, cfg) if ids else []
+        found = candidate_search(vecs, owner, len(ids), searcher, source, cfg, depth) if ids else []
         scored = [sorted(((c.score_exact, c.id) for c in f.values()), reverse=True) for f in found]
     else:
         scored = [stored[i] for i in ids]

@@ -45,7 +45,7 @@ def test_recall_after_rerank_against_brute_force(built):
     with IndexSearcher(index_of(cfg), use_ray=False) as s:
         _, approx = s.search(queries, 10, nprobe=8)
         _, cand = s.search(queries, 100, nprobe=8)
-        _, reranked = exact_rerank(queries, cand, SideFileVectors(index_of(cfg), s.dim), 10)
+        _, reranked = exact_rerank(queries, cand, SideFileVectors(index_of(cfg).vectors_folder, s.dim), 10)
     before, after = recall_at(approx, truth, 10), recall_at(reranked, truth, 10)
     print(f"recall@10 before rerank {before:.3f}, after {after:.3f}")
     assert after >= 0.9
@@ -55,7 +55,7 @@ def test_recall_after_rerank_against_brute_force(built):
 def test_rerank_sources_agree_and_return_stored_vectors(built):
     corpus, cfg, manifest, reg, x, ids, queries = built
     pick = ids[::37]
-    side = SideFileVectors(index_of(cfg), 32).fetch(pick)
+    side = SideFileVectors(index_of(cfg).vectors_folder, 32).fetch(pick)
     parquet = ParquetVectors(reg, 32).fetch(pick)
     expected = x[::37].astype(np.float16).astype(np.float32)
     np.testing.assert_array_equal(side, expected)
@@ -151,5 +151,5 @@ def test_fast_scan_shards_are_merged_in_ram_and_equal_one_index(tmp_path):
     untied[:, 1:] &= ~np.isclose(d2[:, 1:], d2[:, :-1])
     untied[:, :-1] &= ~np.isclose(d2[:, :-1], d2[:, 1:])
     assert untied.mean() > 0.3 and (i1 == i2)[untied].mean() > 0.95
-    _, reranked = exact_rerank(queries, cand, SideFileVectors(index_of(cfg), 32), 10)
+    _, reranked = exact_rerank(queries, cand, SideFileVectors(index_of(cfg).vectors_folder, 32), 10)
     assert recall_at(reranked, brute_force(queries, x, ids, 10), 10) >= 0.9

@@ -52,7 +52,7 @@ def test_s3_rerank_and_rows(s3_index):
     truth = brute_force(queries, x, ids, 10)
     with IndexSearcher(index_of(cfg), use_ray=False, cache_dir=str(cache)) as s:
         _, cand = s.search(queries, 100, nprobe=8)
-    side = SideFileVectors(index_of(cfg), 32)
+    side = SideFileVectors(index_of(cfg).vectors_folder, 32)
     _, found = exact_rerank(queries, cand, side, 10)
     assert recall_at(found, truth, 10) >= 0.9
     rows = fetch_rows(found[:3, 0], reg, columns=["key", "url"])

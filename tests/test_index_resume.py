@@ -116,7 +116,7 @@ def test_incremental_shards_join_without_rebuilding(tmp_path):
     truth = brute_force(queries, x, ids, 10)
     with IndexSearcher(index_of(cfg), use_ray=False) as s:
         _, cand = s.search(queries, 100, nprobe=8)
-        _, found = exact_rerank(queries, cand, SideFileVectors(index_of(cfg), s.dim), 10)
+        _, found = exact_rerank(queries, cand, SideFileVectors(index_of(cfg).vectors_folder, s.dim), 10)
     assert recall_at(found, truth, 10) >= 0.9
     assert (decode_ids(found[found >= 0])[0] >= 4).any()  # hits in the new shards
 

@@ -19,7 +19,7 @@ from pipeline.index.factory import is_fast_scan
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.registry import Registry
 from pipeline.layout.index import (IndexFolder, IndexShard, Manifest, PartRecord, TrainedInfo, invlists_path,
-                                   sha256_bytes)
+                                   sha256_bytes, to_ranges)
 from pipeline.progress import NullProgress, Progress
 from pipeline.storage import file_sha256
 
@@ -212,7 +212,10 @@ def _merge_locked(p: IndexPlan, progress: Progress, use_ray: bool) -> Manifest:
         else:
             for job in jobs:
                 record(job, merge_shard(p.index, job[0], job[1], cfg.merge_fanin, cfg.threads or os.cpu_count() or 1))
-    manifest.shards.extend(results[name] for name, _ in jobs)
+    numbers = {part.name: part.shard_numbers for part in new_parts}
+    for name, part_names in jobs:  # which embedding shards each index shard holds: rerank goes there
+        results[name].numbers = to_ranges(n for p in part_names for n in numbers[p])
+        manifest.shards.append(results[name])
     manifest.ntotal = sum(s.ntotal for s in manifest.shards)
     manifest.side_vectors = all(part.side_vectors for part in ledger.parts)
     manifest.registry_version = reg.version

@@ -17,7 +17,8 @@ from typing import Protocol
 import numpy as np
 
 from pipeline.index.registry import Registry, decode_ids, fetch_rows
-from pipeline.layout.index import IndexFolder, Manifest
+from pipeline.layout.index import IndexFolder, Manifest, vectors_name
+from pipeline.storage import Folder
 
 
 class VectorSource(Protocol):
@@ -28,8 +29,10 @@ class VectorSource(Protocol):
 
 
 class SideFileVectors:
-    def __init__(self, index: IndexFolder, dim: int, max_gap_rows: int = 4):
-        self.index = index
+    """fp16 side files in ``folder`` (the index's vectors folder, or a local copy of some of it)."""
+
+    def __init__(self, folder: Folder, dim: int, max_gap_rows: int = 4):
+        self.folder = folder
         self.dim = int(dim)
         self.max_gap_rows = max_gap_rows
         self.bytes_read = 0
@@ -43,11 +46,11 @@ class SideFileVectors:
         shards, rows = decode_ids(ids)
         vb = self.dim * 2
         paths, starts, ends, spans = [], [], [], []
-        fs = self.index.fs
+        fs = self.folder.fs
         for s in np.unique(shards):
             sel = np.nonzero(shards == s)[0]
             order = sel[np.argsort(rows[sel], kind="stable")]
-            path = self.index.fs_path(self.index.vectors_rel(int(s)))
+            path = self.folder.fs_path(vectors_name(int(s)))
             run = [order[0]]
             for j in order[1:]:
                 if rows[j] - rows[run[-1]] <= self.max_gap_rows:
@@ -136,5 +139,5 @@ def source_for(index: IndexFolder, manifest: Manifest, kind: str = "auto") -> Ve
     if kind == "auto":
         kind = "side" if manifest.side_vectors else "parquet"
     if kind == "side":
-        return SideFileVectors(index, manifest.dim)
+        return SideFileVectors(index.vectors_folder, manifest.dim)
     return ParquetVectors(Registry.load(index), manifest.dim)

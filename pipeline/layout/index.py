@@ -10,6 +10,8 @@
 {index}/shards/{name}.index        index shards with on-disk inverted lists (merge)
 {index}/shards/{name}.ivfdata
 {index}/manifest.json              Manifest, written last by merge: what search loads
+{index}/tuning.json                Tuning: recall against cost of every (nprobe, rerank depth) tried
+{index}/_lock.json                 the lock of the run writing the index (pipeline/layout/lock.py)
 ```
 """
 from __future__ import annotations
@@ -33,10 +35,16 @@ VECTORS_DIR = "vectors"
 SHARDS_DIR = "shards"
 INVLISTS_SUFFIX = ".ivfdata"
 MANIFEST_FILE = "manifest.json"
+TUNING_FILE = "tuning.json"
 
 MANIFEST_VERSION = 1
 LEDGER_VERSION = 1
 REGISTRY_VERSION = 1
+
+
+def vectors_name(number: int) -> str:
+    """The fp16 side file of registry shard ``number``, inside the vectors folder."""
+    return f"{number:09d}.f16"
 
 
 def invlists_path(index_path: str) -> str:
@@ -98,6 +106,8 @@ class IndexShard:
     #: checksums of the two files, verified when a shard is loaded (empty in indexes of 0.1)
     index_sha256: str = ""
     ivfdata_sha256: str = ""
+    #: the registry numbers of the embedding shards it holds, as [first, last] ranges
+    numbers: list[list[int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +137,8 @@ class Manifest:
     side_vectors: bool = True
     registered_shards: int = 0
     shard_memory_gb: float = 0.0
+    #: search settings chosen by measurement (Tuning.summary()); search uses them unless told otherwise
+    tuned: dict[str, Any] | None = None
     format_version: int = MANIFEST_VERSION
 
     @classmethod
@@ -230,6 +242,37 @@ class Ledger:
                    format_version=int(d.get("format_version", LEDGER_VERSION)))
 
 
+@dataclass
+class Tuning:
+    """``tuning.json``: recall@k after the exact rerank, against cost, of every (nprobe, rerank depth)
+    tried on a sample of the corpus, and the cheapest one that reaches the target."""
+
+    target_recall: float
+    k: int
+    nprobe: int
+    rerank_depth: int
+    #: recall@k after the rerank at the chosen point, and of the ANN alone at its nprobe
+    recall: float
+    ann_recall: float
+    #: False when no point tried reached the target (the best one was chosen)
+    reached: bool
+    #: vectors in the index when it was measured (a rerun after 10% more retunes)
+    ntotal: int
+    queries: int
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("curve",)}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Tuning":
+        return cls(**_known(cls, d))
+
+
 class IndexFolder(Folder):
     """An index folder (layout in the module docstring)."""
 
@@ -246,7 +289,11 @@ class IndexFolder(Folder):
         return f"{PARTS_DIR}/{name}.index"
 
     def vectors_rel(self, number: int) -> str:
-        return f"{VECTORS_DIR}/{number:09d}.f16"
+        return f"{VECTORS_DIR}/{vectors_name(number)}"
+
+    @property
+    def vectors_folder(self) -> Folder:
+        return self.sub(VECTORS_DIR)
 
     def shard_rels(self, name: str) -> tuple[str, str]:
         """(index file, inverted-lists file) of an index shard, relative to the folder."""
@@ -318,3 +365,9 @@ class IndexFolder(Folder):
 
     def write_manifest(self, manifest: Manifest) -> None:
         self.write_json(MANIFEST_FILE, manifest.to_json())
+
+    def write_tuning(self, tuning: Tuning) -> None:
+        self.write_json(TUNING_FILE, tuning.to_json())
+
+    def read_tuning(self) -> Tuning | None:
+        return Tuning.from_json(self.read_json(TUNING_FILE)) if self.exists(TUNING_FILE) else None
