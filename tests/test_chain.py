@@ -1,0 +1,141 @@
+"""`replica pipeline` as a scheduled run: what it refuses before work, which queries it searches, how a
+run claims its folder and records how it ended, and `replica runs`. (The whole chain on S3 through
+`ray job submit` is tests/test_jobs.py.)"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pipeline.chain import select_queries
+from pipeline.cli import app
+from pipeline.errors import EXIT_LOCKED, EXIT_REFUSED, EXIT_TOO_MANY_FAILURES
+from pipeline.layout import runs as layout
+from pipeline.layout.runs import PipelineRecord, ResultsFolder
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def write_config(path: Path, **sections) -> str:
+    path.write_text(yaml.safe_dump(sections))
+    return str(path)
+
+
+@pytest.fixture
+def minimal(tmp_path):
+    """index + search sections over folders that exist: enough for the plan to pass."""
+    (tmp_path / "generated").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "generated" / f"{name}.png").write_bytes(b"not read by the plan")
+    return {"index": {"embeddings": str(tmp_path / "emb"), "index": str(tmp_path / "index")},
+            "search": {"queries": str(tmp_path / "generated"), "output": str(tmp_path / "results")}}
+
+
+def one_error_line(r) -> str:
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    return lines[0]
+
+
+def test_the_plan_refuses_what_cannot_work_before_any_stage(tmp_path, minimal):
+    cases = [
+        ({"search": minimal["search"]}, "has no index section"),
+        ({**minimal, "ingest": {"input": [str(tmp_path)], "output": str(tmp_path / "tars")}},
+         "ingest section but no embed section"),
+        ({**minimal, "ingest": {"input": [str(tmp_path)], "output": str(tmp_path / "tars"), "image_size": 224},
+          "embed": {"output": str(tmp_path / "emb"), "embedder": {"name": "sscd"}}},
+         "ingest.image_size 224 is below the 288 px short side that embed's sscd embedder reads"),
+        ({**minimal, "embed": {"output": str(tmp_path / "emb")}}, "embed.input is empty and there is no ingest section"),
+        ({**minimal, "pipeline": {"run_id": "a"}, "search": {**minimal["search"], "run_id": "b"}},
+         "pipeline.run_id 'a' and search.run_id 'b' differ"),
+        ({**minimal, "search": {**minimal["search"], "queries": str(tmp_path / "none")}}, "does not exist"),
+        ({**minimal, "pipeline": {"search_queries": "some"}}, "pipeline.search_queries must be one of new, all"),
+    ]
+    for i, (sections, message) in enumerate(cases):
+        r = invoke("pipeline", "-c", write_config(tmp_path / f"c{i}.yaml", **sections))
+        assert r.exit_code == EXIT_REFUSED and message in one_error_line(r), (sections, r.output)
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
+
+
+def test_a_run_id_is_claimed_by_one_run_and_a_succeeded_run_is_never_redone(tmp_path, minimal):
+    cfg = write_config(tmp_path / "p.yaml", **minimal, pipeline={"run_id": "2026-01-05"})
+    run = ResultsFolder(minimal["search"]["output"]).run("2026-01-05")
+    with run.pipeline_lock():
+        r = invoke("pipeline", "-c", cfg)
+    assert r.exit_code == EXIT_LOCKED and "is locked by `replica pipeline`" in r.output
+    assert run.read_pipeline_record() is None  # the refused run wrote nothing into the other's folder
+
+    run.write_pipeline_record(PipelineRecord(run_id="2026-01-05", status=layout.RUN_SUCCEEDED, started_at="then"))
+    r = invoke("pipeline", "-c", cfg)
+    assert r.exit_code == EXIT_REFUSED and "run '2026-01-05' already succeeded" in one_error_line(r)
+    assert run.read_pipeline_record().started_at == "then"
+
+
+def earlier_search_run(results: Path, run_id: str, sources: list[str]) -> None:
+    """A run folder as `replica search` leaves it: its queries table says where each query came from."""
+    schema = layout.queries_schema()
+    n = len(sources)
+    columns = {f.name: [None] * n for f in schema}
+    columns.update(run_id=[run_id] * n, query_key=[Path(s).stem for s in sources], source=sources)
+    ResultsFolder(str(results)).run(run_id).write_table(layout.QUERIES, columns)
+
+
+def test_new_query_images_are_those_no_earlier_run_searched(tmp_path):
+    gen = tmp_path / "generated"
+    gen.mkdir()
+    for name in ("a.png", "b.jpg", "c.webp", "d.png", "notes.md"):
+        (gen / name).write_bytes(b"x")
+    (gen / "d.txt").write_text("  a prompt \n")
+    results = tmp_path / "results"
+    earlier_search_run(results, "r1", [str(gen / "a.png")])
+    earlier_search_run(results, "r2", [str(gen / "b.jpg"), str(tmp_path / "elsewhere" / "c.webp")])
+
+    sel = select_queries(str(gen), ResultsFolder(str(results)), "r3", None)
+    assert (sel.listed, sel.searched_before) == (4, 2)
+    assert [(q.key, Path(q.url).name, q.prompt_url and Path(q.prompt_url).name) for q in sel.new] == \
+        [("c", "c.webp", None), ("d", "d.png", "d.txt")]
+    # the run being planned does not count against itself (a rerun of a failed run searches its queries again)
+    assert len(select_queries(str(gen), ResultsFolder(str(results)), "r2", None).new) == 3
+    (gen / "a.jpg").write_bytes(b"x")
+    with pytest.raises(Exception, match="query keys repeat"):
+        select_queries(str(gen), ResultsFolder(str(results)), "r3", None)
+    # a Parquet file or tars of queries: no selection, everything is searched
+    assert select_queries(str(tmp_path / "q.parquet"), ResultsFolder(str(results)), "r3", None) is None
+
+
+def test_a_failed_run_records_why_and_runs_lists_every_run(tmp_path, minimal, ray_local):
+    from image_server import ImageServer
+
+    with ImageServer() as server:
+        (tmp_path / "lists").mkdir()
+        pq.write_table(pa.table({"url": [server.url("missing", i) for i in range(4)], "caption": ["c"] * 4}),
+                       tmp_path / "lists" / "part.parquet")
+        cfg = write_config(tmp_path / "p.yaml", **minimal, pipeline={"run_id": "2026-01-12"},
+                           ingest={"input": [str(tmp_path / "lists")], "output": str(tmp_path / "tars"),
+                                   "samples_per_shard": 4, "threads": 4, "max_failed_fraction": 0.5},
+                           embed={"output": str(tmp_path / "emb")})
+        r = invoke("pipeline", "-c", cfg, "--quiet")
+    assert r.exit_code == EXIT_TOO_MANY_FAILURES, r.output
+    run = ResultsFolder(minimal["search"]["output"]).run("2026-01-12")
+    rec = run.read_pipeline_record()
+    assert (rec.status, rec.exit_code) == ("failed", EXIT_TOO_MANY_FAILURES) and "4 of 4 URLs failed" in rec.error
+    assert rec.stages["ingest"]["failed"] == {"http_404": 4} and "embed" not in rec.stages
+    assert rec.config["ingest"]["samples_per_shard"] == 4 and rec.software["img2dataset"]
+    assert rec.finished_at and rec.seconds > 0
+
+    earlier_search_run(tmp_path / "results", "2026-01-01", [str(tmp_path / "generated" / "a.png")])
+    r = invoke("runs", "--results", str(tmp_path / "results"))
+    lines = r.output.splitlines()
+    assert r.exit_code == 0 and lines[0].split()[:3] == ["run", "kind", "status"]
+    assert lines[1].split()[:3] == ["2026-01-01", "search", "incomplete"]
+    assert lines[2].split()[:3] == ["2026-01-12", "pipeline", "failed"]
+    assert "2026-01-12: TooManyFailures: 4 of 4 URLs failed" in r.output
+    rows = json.loads(invoke("runs", "-c", cfg, "--json").output)
+    assert [(row["run_id"], row["status"]) for row in rows] == [("2026-01-01", "incomplete"), ("2026-01-12", "failed")]
