@@ -111,7 +111,7 @@ def test_new_query_images_are_those_no_earlier_run_searched(tmp_path):
 
 
 def test_a_failed_run_records_why_and_runs_lists_every_run(tmp_path, minimal, ray_local):
-    from image_server import ImageServer
+    from pipeline.testing.image_server import ImageServer
 
     with ImageServer() as server:
         (tmp_path / "lists").mkdir()

@@ -1,6 +1,6 @@
 """Ingest: real img2dataset against a real HTTP server on 127.0.0.1, on a real local Ray.
 
-The server (tests/image_server.py) answers like the web answers a LAION crawl: images, slow
+The server (pipeline/testing/image_server.py) answers like the web answers a LAION crawl: images, slow
 images, redirects, redirect loops, 404s, 500s, HTML, truncated and cut-off JPEGs, opt-outs.
 Every one is a counted outcome; none stops the run.
 """
@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from image_server import ImageServer
 from PIL import Image
 
 from pipeline.cli import app
@@ -26,6 +25,7 @@ from pipeline.errors import EXIT_LOCKED, EXIT_REFUSED, EXIT_TOO_MANY_FAILURES, C
 from pipeline.ingest import failure_reason, run_ingest
 from pipeline.layout.ingest import IngestFolder
 from pipeline.layout.lock import OutputLock
+from pipeline.testing.image_server import ImageServer
 
 #: what each kind of URL becomes: stored, or failed for this reason
 OUTCOME = {"img": "stored", "slowok": "stored", "redirect": "stored", "slow": "timeout", "loop": "redirect_loop",

@@ -261,7 +261,7 @@ def test_ray_job_submit_whole_chain_on_s3_equals_local_then_a_rerun_does_only_ne
     tars, vectors and matches; a second submission with a new URL list and a new query does only that."""
     import uuid
 
-    from image_server import ImageServer
+    from pipeline.testing.image_server import ImageServer
     from pipeline.layout.runs import QUERIES, ResultsFolder
 
     storage = s3_server

@@ -1,4 +1,4 @@
-"""A real HTTP server on 127.0.0.1 that serves what the web serves a LAION crawl.
+"""A real HTTP server on 127.0.0.1 that serves what the web serves a LAION crawl (tests and benchmarks only).
 
 Paths (``{i}`` picks the image, a procedural scene of seed ``i``):
 
