@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -139,3 +140,56 @@ def test_a_failed_run_records_why_and_runs_lists_every_run(tmp_path, minimal, ra
     assert "2026-01-12: TooManyFailures: 4 of 4 URLs failed" in r.output
     rows = json.loads(invoke("runs", "-c", cfg, "--json").output)
     assert [(row["run_id"], row["status"]) for row in rows] == [("2026-01-01", "incomplete"), ("2026-01-12", "failed")]
+
+
+def write_release(root: Path, number: int, seeds: list[int], embedder) -> None:
+    """A clip-retrieval release file pair of real vectors: what import-embeddings reads."""
+    from pipeline.synthetic_images import scene
+
+    (root / "img_emb").mkdir(parents=True, exist_ok=True)
+    (root / "metadata").mkdir(exist_ok=True)
+    vectors = embedder.embed_images([scene(s, (320, 256)) for s in seeds]).astype(np.float16)
+    np.save(root / "img_emb" / f"img_emb_{number}.npy", vectors)
+    pq.write_table(pa.table({"key": [f"rel-{s}" for s in seeds], "url": [f"https://img.example/{s}.jpg" for s in seeds],
+                             "caption": [f"scene {s}" for s in seeds]}), root / "metadata" / f"metadata_{number}.parquet")
+
+
+def test_pipeline_with_an_import_section_indexes_released_vectors_and_adds_new_release_files(tmp_path, ray_local):
+    """Route B as a scheduled run: import -> index -> search; a new release file is all the rerun imports."""
+    from pipeline.config import EmbedderConfig
+    from pipeline.embedders import build_embedder
+    from pipeline.synthetic_images import scene
+
+    embedder = build_embedder(EmbedderConfig())
+    identity = embedder.identity()
+    write_release(tmp_path / "release", 0, list(range(60)), embedder)
+    gen = tmp_path / "generated"
+    gen.mkdir()
+    scene(7, (320, 256)).resize((480, 384)).save(gen / "copy-7.png")
+    cfg = write_config(
+        tmp_path / "p.yaml",
+        **{"import": {"input": str(tmp_path / "release"), "output": str(tmp_path / "emb"), "embedder": "default",
+                      "model": identity["model"], "weights": identity["weights"],
+                      "preprocess": identity["preprocess"], "rows_per_shard": 25},
+           "index": {"index": str(tmp_path / "index"), "factory": "IVF4,Flat", "nprobe": 4},
+           # released rows have no pixels: no verification, no region baseline
+           "search": {"queries": str(gen), "output": str(tmp_path / "results"), "embedder": {"name": "default"},
+                      "regions": False, "verify_top": 0, "baseline_size": 20}})
+    r = invoke("pipeline", "-c", cfg, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "imported 60 rows into 3 shard(s) (0 already complete)" in r.output
+
+    write_release(tmp_path / "release", 1, list(range(100, 120)), embedder)
+    scene(105, (320, 256)).resize((480, 384)).save(gen / "copy-105.png")
+    r = invoke("pipeline", "-c", cfg, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "imported 20 rows into 1 shard(s) (3 already complete)" in r.output
+    results = ResultsFolder(str(tmp_path / "results"))
+    first, second = (results.run(run_id) for run_id in results.run_ids())
+    st = second.read_pipeline_record().stages
+    assert (st["import"]["written"], st["index"]["added"], st["index"]["ntotal"]) == (1, 20, 80)
+    assert (st["search"]["listed"], st["search"]["searched_before"], st["search"]["searched"]) == (2, 1, 1)
+    for run, key, match in ((first, "copy-7", "rel-7"), (second, "copy-105", "rel-105")):
+        with run.open(layout.MATCHES) as f:
+            top = [m for m in pq.read_table(f).to_pylist() if m["rank"] == 1]
+        assert [(m["query_key"], m["match_key"]) for m in top] == [(key, match)]
