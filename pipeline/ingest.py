@@ -403,8 +403,10 @@ def _ingest_locked(p: IngestPlan, progress: Progress, on_shard_done) -> IngestSu
     cfg, out = p.cfg, p.output
     ray = connect(cfg.ray.address)
     started = time.time()
-    info = out.read_info() or IngestInfo(settings=p.settings, img2dataset=img2dataset_version())
-    out.write_info(info)
+    info = out.read_info()
+    if info is None:  # a new folder: its settings are fixed from now on
+        info = IngestInfo(settings=p.settings, img2dataset=img2dataset_version())
+        out.write_info(info)
     pending = Folder(out.pending_url(), cfg.s3)
     pending.fs.makedirs(pending.path, exist_ok=True)  # img2dataset's reader writes into it without creating it
     done = out.complete_shards()

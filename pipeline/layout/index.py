@@ -15,12 +15,13 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import ConfigError, MismatchError
+from pipeline.layout import known_fields
 from pipeline.layout.embeddings import check_same_identity
 from pipeline.storage import Folder
 
@@ -46,11 +47,6 @@ def invlists_path(index_path: str) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass
@@ -80,7 +76,7 @@ class TrainedInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TrainedInfo":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 @dataclass
@@ -101,7 +97,7 @@ class IndexShard:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "IndexShard":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 @dataclass
@@ -139,7 +135,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Manifest":
-        kw = _known(cls, d)
+        kw = known_fields(cls, d)
         kw["shards"] = [IndexShard.from_json(s) for s in d.get("shards", [])]
         return cls(**kw)
 
@@ -200,7 +196,7 @@ class PartRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "PartRecord":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 @dataclass

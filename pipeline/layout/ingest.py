@@ -18,10 +18,11 @@ would fail on any other.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.errors import ConfigError, MismatchError
+from pipeline.layout import known_fields
 from pipeline.storage import Folder, Storage, basename, filesystem, unstrip
 
 TAR_SUFFIX = ".tar"
@@ -33,11 +34,6 @@ OWN_FOLDER = "_replica"
 INFO_FILE = "ingest.json"
 PENDING_FOLDER = "pending"
 FORMAT_VERSION = 1
-
-
-def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass
@@ -80,8 +76,8 @@ class IngestInfo:
     def from_json(cls, d: dict[str, Any]) -> "IngestInfo":
         if not isinstance(d, dict) or "settings" not in d:
             raise MismatchError(f"{OWN_FOLDER}/{INFO_FILE} is not an ingest record")
-        d = _known(cls, d)
-        d["lists"] = [UrlList(**_known(UrlList, x)) for x in d.get("lists") or []]
+        d = known_fields(cls, d)
+        d["lists"] = [UrlList(**known_fields(UrlList, x)) for x in d.get("lists") or []]
         return cls(**d)
 
     def find(self, url: str) -> UrlList | None:
@@ -107,7 +103,7 @@ class ShardCounts:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ShardCounts":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 class IngestFolder(Folder):

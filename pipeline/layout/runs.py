@@ -22,13 +22,14 @@ so one file read on its own says which run it belongs to.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, MismatchError
+from pipeline.layout import known_fields
 from pipeline.storage import Folder, basename
 
 RUN_PREFIX = "run_id="
@@ -148,11 +149,6 @@ TABLE_SCHEMAS = {QUERIES: queries_schema, MATCHES: matches_schema, BASELINE: bas
                  QUERY_INPUTS: query_inputs_schema}
 
 
-def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
-
-
 @dataclass
 class RunRecord:
     """``run.json``: what a search run was asked, what it used and what it covered."""
@@ -182,7 +178,7 @@ class RunRecord:
     def from_json(cls, d: dict[str, Any]) -> "RunRecord":
         if not isinstance(d, dict):
             raise MismatchError("run.json must hold a JSON object")
-        return cls(**_known(cls, {**d, "run_id": str(d.get("run_id") or "")}))
+        return cls(**known_fields(cls, {**d, "run_id": str(d.get("run_id") or "")}))
 
 
 @dataclass
@@ -215,7 +211,7 @@ class PipelineRecord:
     def from_json(cls, d: dict[str, Any]) -> "PipelineRecord":
         if not isinstance(d, dict):
             raise MismatchError(f"{PIPELINE_RECORD} must hold a JSON object")
-        return cls(**_known(cls, {"status": "", "started_at": "", **d, "run_id": str(d.get("run_id") or "")}))
+        return cls(**known_fields(cls, {"status": "", "started_at": "", **d, "run_id": str(d.get("run_id") or "")}))
 
 
 @dataclass
@@ -247,7 +243,7 @@ class RunSummary:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "RunSummary":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 @dataclass
