@@ -101,13 +101,17 @@ class IngestPlan:
     settings: dict[str, Any]
 
 
+def format_of_name(url: str) -> str | None:
+    name = basename(url).lower()
+    return next((fmt for suffix, fmt in FORMATS.items() if name.endswith(suffix)), None)
+
+
 def list_format(url: str, wanted: str) -> str:
     if wanted != "auto":
         return wanted
-    name = basename(url).lower()
-    for suffix, fmt in FORMATS.items():
-        if name.endswith(suffix):
-            return fmt
+    fmt = format_of_name(url)
+    if fmt is not None:
+        return fmt
     raise ConfigError(f"cannot tell the format of URL list {url!r} from its name: set --input-format "
                       f"({', '.join(sorted(set(FORMATS.values())))})")
 
@@ -189,7 +193,10 @@ def plan(cfg: IngestConfig) -> IngestPlan:
                           "use a new output folder")
 
     try:
-        urls = list_urls([_absolute(u) for u in cfg.input], cfg.s3)
+        # in a folder, files of other formats (a README, a manifest) are not lists
+        wanted = (lambda u: format_of_name(u) is not None) if cfg.input_format == "auto" else \
+            (lambda u: basename(u).lower().endswith("." + cfg.input_format))
+        urls = list_urls([_absolute(u) for u in cfg.input], cfg.s3, wanted)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot list input {cfg.input}: {exc}") from exc
     if not urls:

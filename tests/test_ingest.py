@@ -133,6 +133,7 @@ def test_reruns_fetch_nothing_and_new_lists_get_new_shards(tmp_path, server, ray
 
     # a list added later, even one that sorts first, gets the next shard numbers: nothing is renumbered
     write_list(lists / "a.parquet", [server.url("img", 200 + i) for i in range(3)], first=200)
+    (lists / "README.md").write_text("not a URL list: left out of a folder's lists")
     added = run_ingest(cfg_for(lists, out))
     assert (added.lists_skipped, added.shards_done, added.downloaded) == (1, 1, 3)
     assert [Path(t).name for t in added.new_tars] == ["000002.tar"]

@@ -19,7 +19,7 @@ would fail on any other.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.errors import ConfigError, MismatchError
 from pipeline.layout import known_fields
@@ -213,8 +213,10 @@ def list_fingerprint(url: str, storage: Storage | None = None) -> tuple[int, str
     return int(info.get("size") or 0), (etag.strip('"') if isinstance(etag, str) else None)
 
 
-def list_urls(spec: list[str], storage: Storage | None = None) -> list[str]:
-    """URL list files named by paths, globs, brace lists or folders (a folder: every list file in it)."""
+def list_urls(spec: list[str], storage: Storage | None = None, is_list: Callable[[str], bool] = lambda u: True
+              ) -> list[str]:
+    """URL list files named by paths, globs, brace lists or folders (a folder: the files in it that
+    ``is_list`` accepts, hidden and ``_`` names left out)."""
     from pipeline.storage import expand_inputs
 
     out: list[str] = []
@@ -222,7 +224,7 @@ def list_urls(spec: list[str], storage: Storage | None = None) -> list[str]:
         fs, path = filesystem(s, storage)
         if not any(ch in s for ch in "*?[{") and fs.isdir(path):
             out.extend(unstrip(fs, p) for p in sorted(fs.ls(path, detail=False))
-                       if not basename(p).startswith(("_", ".")) and fs.isfile(p))
+                       if not basename(p).startswith(("_", ".")) and is_list(p) and fs.isfile(p))
         else:
             out.extend(expand_inputs(s, storage, suffix=""))
     seen: set[str] = set()
