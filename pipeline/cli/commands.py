@@ -228,6 +228,7 @@ def _pipeline(config: str, quiet: bool, **kwargs: Any) -> None:
     from pipeline.chain import Chain, plan_chain, run_chain
     from pipeline.config import load_file
     from pipeline.errors import ConfigError
+    from pipeline.layout.runs import PIPELINE_RECORD
 
     present = set(load_file(config))
     missing = [name for name in ("index", "search") if name not in present]
@@ -255,8 +256,6 @@ def _pipeline(config: str, quiet: bool, **kwargs: Any) -> None:
             click.echo(f"index: {m.ntotal:,} vectors in {len(m.shards)} index shard(s) ({m.factory})")
         elif stage == "search":
             print_summary(result.summary)
-
-    from pipeline.layout.runs import PIPELINE_RECORD
 
     record = run_chain(plan, progress_for(quiet), show)
     click.echo(f"run {record.run_id} {record.status} in {record.seconds:.1f}s; record: "
