@@ -198,7 +198,8 @@ class IndexConfig:
     train_max_shards: int = 2048
     #: seed of the training sample
     seed: int = 0
-    #: "auto" = faiss-gpu when it is installed and CUDA is present; "cpu"; "cuda"
+    #: where k-means runs: "cuda" = a Ray task that asks for a GPU (the autoscaler adds one if needed);
+    #: "auto" = such a task when the cluster has a GPU now, else this process; "cpu" = this process
     train_device: str = choice("auto", "auto", "cpu", "cuda")
     #: embedding shards per add task (one index part each)
     group_size: int = 100
@@ -402,7 +403,8 @@ def load_file(path: str | None) -> dict[str, Any]:
     try:
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - any parse error becomes a config error
-        raise ConfigError(f"config file {path!r} cannot be parsed: {exc}") from exc
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip() and line.strip() != "^")
+        raise ConfigError(f"config file {path!r} cannot be parsed: {detail}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):

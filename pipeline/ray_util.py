@@ -66,7 +66,7 @@ def is_infrastructure(exc: BaseException) -> bool:
 class CachedValue:
     """A value recomputed at most every ``ttl_s`` seconds (cluster size, asked of Ray's GCS)."""
 
-    def __init__(self, compute: Callable[[], Any], ttl_s: float = 5.0):
+    def __init__(self, compute: Callable[[], Any], ttl_s: float = 1.0):
         self.compute, self.ttl_s = compute, ttl_s
         self.value, self.at = None, 0.0
 

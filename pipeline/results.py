@@ -114,4 +114,5 @@ def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, cou
         blocklist={"entries": len(blocklist), "dropped_matches": counters["blocked"]},
         subset={"source": cfg.subset, "size": len(subset) if subset is not None else None},
         pixels_fetched=counters["pixels_fetched"],
+        unreadable_queries=[{"source": src, "error": why} for src, why in counters["unreadable_queries"][:100]],
     )

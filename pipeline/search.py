@@ -283,12 +283,15 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     cfg = plan.cfg
     started = time.time()
     storage = cfg.s3
-    queries = load_queries(cfg.queries, storage)
+    query_set = load_queries(cfg.queries, storage)
+    queries = query_set.queries
+    for source, why in query_set.unreadable[:5]:
+        progress.log(f"skipping unreadable query {source}: {why}")
     blocklist: set[str] = set()
     for spec in cfg.blocklist:
         blocklist |= load_key_set(spec, storage)
     subset = load_key_set(cfg.subset, storage) if cfg.subset else None
-    counters = {"pixels_fetched": 0, "blocked": 0}
+    counters = {"pixels_fetched": 0, "blocked": 0, "unreadable_queries": query_set.unreadable}
 
     with progress.step(f"embedding {len(queries)} queries"):
         embedder = build_embedder(plan.embedder, storage)

@@ -287,6 +287,15 @@ def check_writable(url: str, storage: Storage | None = None) -> None:
     remove(probe, storage)
 
 
+def file_sha256(path: str) -> str:
+    """sha256 of a local file, read in blocks (index shards reach tens of GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def publish_file(local_file: str, url: str, storage: Storage | None = None) -> None:
     """Move a finished local file to ``url`` so it appears whole: rename locally, one upload remotely."""
     if is_local(url):

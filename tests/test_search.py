@@ -84,7 +84,7 @@ def test_scores_and_summary_match_brute_force(demo):
     corpus, keys = schema.vectors_of(emb), emb.column("key").to_pylist()
     embedder = build_embedder(EmbedderConfig())
     queries = {q["query_key"]: q for q in table(demo["run"], "queries.parquet").to_pylist()}
-    for q in load_queries(str(demo["work"] / "generated")):
+    for q in load_queries(str(demo["work"] / "generated")).queries:
         vecs, _ = embedder.embed_regions(q.image)
         best = float((vecs @ corpus.T).max())
         assert queries[q.key]["best_score"] == pytest.approx(best, abs=2e-3), q.key
@@ -212,7 +212,7 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
     assert all(m["inliers"] is None for m in matches)  # verification was off
 
     model = build_embedder(rerank)
-    query = next(q for q in load_queries(str(demo["work"] / "generated")) if q.key == "copy-crop-0")
+    query = next(q for q in load_queries(str(demo["work"] / "generated")).queries if q.key == "copy-crop-0")
     qv = model.embed_images([query.image])
     for m in [m for m in matches if m["query_key"] == "copy-crop-0"]:
         cv = model.embed_images([load_candidate(m["tar_url"], m["tar_offset"], m["tar_size"])])

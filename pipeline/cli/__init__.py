@@ -32,7 +32,9 @@ class ReplicaGroup(click.Group):
         try:
             return super().invoke(ctx)
         except ReplicaError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
+            # raised inside a Ray task, it arrives wrapped with a traceback: show the original's words
+            message = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+            click.secho(f"error: {message[-1] if message else type(exc).__name__}", fg="red", err=True)
             ctx.exit(exc.exit_code)
 
 

@@ -70,6 +70,19 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB. 16-bit and float images are scaled to their own range (PIL's own
+    conversion clips them to 255, which turns most 16-bit photographs white); alpha is dropped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        a = np.asarray(image, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def square_crop_uint8(image: Image.Image, size: int) -> np.ndarray:
     """Resize the short side to ``size``, centre-crop a square: (size, size, 3) uint8."""
-    return np.asarray(center_crop(resize_short_side(image.convert("RGB"), size), size), dtype=np.uint8)
+    return np.asarray(center_crop(resize_short_side(to_rgb(image), size), size), dtype=np.uint8)

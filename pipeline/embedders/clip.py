@@ -5,8 +5,8 @@ import json
 
 from pipeline.config import EmbedderConfig
 from pipeline.embedders.base import Embedder
-from pipeline.embedders.torch_util import TorchImageEmbedder, file_sha256, pick_device
-from pipeline.storage import Storage, local_copy, read_bytes
+from pipeline.embedders.torch_util import TorchImageEmbedder, pick_device
+from pipeline.storage import Storage, file_sha256, local_copy, read_bytes
 
 
 def known_architectures() -> set[str]:

@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import EmbedderConfig
-from pipeline.embedders.base import Embedder, l2_normalize
+from pipeline.embedders.base import Embedder, l2_normalize, to_rgb
 from pipeline.errors import ConfigError
 from pipeline.storage import Storage, read_bytes
 
@@ -211,8 +211,7 @@ def to_input(image: Image.Image) -> np.ndarray:
             image.draft("RGB", (INPUT_SIZE, INPUT_SIZE))  # no-op once the image is loaded
         except Exception:  # noqa: BLE001 - draft is only an optimisation
             pass
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    image = to_rgb(image)
     small = image.resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR, reducing_gap=2.0)
     return np.asarray(small, dtype=np.uint8)
 
@@ -357,7 +356,7 @@ class DefaultDescriptor(Embedder):
         return self.whitening.apply(raw_features(batch)).astype(np.float32)
 
     def embed_regions(self, image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
-        image = image if image.mode == "RGB" else image.convert("RGB")
+        image = to_rgb(image)
         boxes = region_boxes(image.width, image.height, self.region_scales, self.region_step)
         # Work on a copy just large enough that the smallest window still has >= 2x the
         # descriptor's input pixels: every window then costs about the same, small, resize.

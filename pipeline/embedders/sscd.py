@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pipeline.config import EmbedderConfig
 from pipeline.embedders.base import Embedder
-from pipeline.embedders.torch_util import IMAGENET_MEAN, IMAGENET_STD, TorchImageEmbedder, file_sha256, pick_device
-from pipeline.storage import Storage, local_copy
+from pipeline.embedders.torch_util import IMAGENET_MEAN, IMAGENET_STD, TorchImageEmbedder, pick_device
+from pipeline.storage import Storage, file_sha256, local_copy
 
 DEFAULT_SIZE = 288
 

@@ -1,8 +1,6 @@
 """Shared helpers for torch-based embedders (imported only when one is built)."""
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -19,14 +17,6 @@ def pick_device(requested: str) -> str:
 
         raise ConfigError("embedder.device is cuda but no CUDA device is visible to this worker")
     return requested
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def to_normalized_tensor(batch: np.ndarray, mean: tuple, std: tuple, device: str):

@@ -24,7 +24,7 @@ from pipeline.config import IndexConfig
 from pipeline.errors import MismatchError
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.registry import Registry, encode_ids
-from pipeline.layout.embeddings import EmbeddingsFolder, check_same_identity, identity_of_schema
+from pipeline.layout.embeddings import EmbeddingsFolder, check_columns, check_same_identity, identity_of_schema
 from pipeline.layout.index import IndexFolder, Ledger, PartRecord, to_ranges
 from pipeline.progress import NullProgress, Progress
 
@@ -60,6 +60,7 @@ def add_part(index: IndexFolder, embeddings: EmbeddingsFolder, part: str, shards
         url = embeddings.parquet_url(name)
         with embeddings.open(embeddings.parquet_name(name)) as f:
             pf = pq.ParquetFile(f)
+            check_columns(pf.schema_arrow, url)
             file_identity = identity_of_schema(pf.schema_arrow)
             if file_identity is not None:
                 check_same_identity(file_identity, identity, url)

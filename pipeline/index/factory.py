@@ -19,6 +19,9 @@ ID_BYTES = 8
 PQ_M_CHOICES = (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 #: from this nlist on, the coarse quantizer is an HNSW graph over the centroids
 HNSW_NLIST = 1 << 16
+#: below this many vectors the chosen index stores full vectors (Flat): PQ codebooks need far more
+#: training points (faiss asks for 39 per codeword, 256 codewords a sub-quantizer)
+FLAT_BELOW = 20_000
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ def choose_factory(
     if n <= 0:
         raise ConfigError("cannot choose an index for an empty corpus")
     nlist = nlist or default_nlist(n, max_nlist)
+    if n < FLAT_BELOW:
+        return f"IVF{nlist},Flat"
     fixed_guess = nlist * dim * 4 * (2 if nlist >= HNSW_NLIST else 1)
     per_vector = (memory_budget_bytes - fixed_guess) / n - ID_BYTES
     fitting = [m for m in PQ_M_CHOICES if dim % m == 0 and m <= per_vector and m <= dim // 2]
@@ -135,6 +140,16 @@ def choose_factory(
     coarse = f"IVF{nlist}_HNSW32" if nlist >= HNSW_NLIST else f"IVF{nlist}"
     prefix = f"OPQ{m}_{dim}," if use_opq else ""
     return f"{prefix}{coarse},PQ{m}x8"
+
+
+def min_training_points(factory: str, dim: int, metric: str = "ip") -> int:
+    """The fewest training vectors ``factory`` can be trained on: one per list, one per PQ codeword."""
+    import faiss
+
+    index = faiss.index_factory(dim, factory, metric_of(metric))  # kept: ivf points into it
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    pq = getattr(ivf, "pq", None)
+    return max(int(ivf.nlist), int(pq.ksub) if pq is not None else 0)
 
 
 def default_train_size(nlist: int, n: int, cap: int = 2_000_000) -> int:

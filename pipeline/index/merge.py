@@ -20,6 +20,7 @@ from pipeline.index.registry import Registry
 from pipeline.layout.index import (IndexFolder, IndexShard, Manifest, PartRecord, TrainedInfo, invlists_path,
                                    sha256_bytes)
 from pipeline.progress import NullProgress, Progress
+from pipeline.storage import file_sha256
 
 
 def read_ondisk(path: str):
@@ -93,12 +94,14 @@ def merge_shard(index: IndexFolder, name: str, parts: list[str], fanin: int = 64
         ntotal = merge_to_ondisk(trained, files, out, ondisk_inputs=ondisk)
         ivfdata = invlists_path(out)
         index_bytes, ivf_bytes = os.path.getsize(out), os.path.getsize(ivfdata)
+        sums = file_sha256(out), file_sha256(ivfdata)
         index_rel, ivfdata_rel = index.shard_rels(name)
         # publish the data file first, the small index file (which names it) last
         index.publish_file(ivfdata, ivfdata_rel)
         index.publish_file(out, index_rel)
         return IndexShard(name=name, index=index_rel, ivfdata=ivfdata_rel, ntotal=ntotal, parts=parts,
-                          trained_sha256=sha256_bytes(trained), index_bytes=index_bytes, ivfdata_bytes=ivf_bytes)
+                          trained_sha256=sha256_bytes(trained), index_bytes=index_bytes, ivfdata_bytes=ivf_bytes,
+                          index_sha256=sums[0], ivfdata_sha256=sums[1])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

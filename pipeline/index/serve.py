@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.errors import ConfigError, MismatchError
 from pipeline.layout.index import IndexFolder, IndexShard
+from pipeline.storage import file_sha256
 
 CACHE_ENV = "REPLICA_INDEX_CACHE"
 
@@ -48,11 +49,22 @@ def set_search_params(index: Any, nprobe: int) -> None:
 
 
 def local_shard_path(index: IndexFolder, shard: IndexShard, cache_dir: str | None = None) -> str:
-    """Path of the shard's .index on local disk (copied, with its .ivfdata beside it, when remote)."""
+    """Path of the shard's .index on local disk (copied, with its .ivfdata beside it, when remote),
+    checked against the manifest's checksums (once per local copy)."""
     cache = cache_dir or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "replica-index")
     key = f"{shard.name}|{shard.trained_sha256}|{shard.ntotal}"
-    index.local_copy(shard.ivfdata, cache, key)  # the data file first: the index file names it
-    return index.local_copy(shard.index, cache, key)
+    data = index.local_copy(shard.ivfdata, cache, key)  # the data file first: the index file names it
+    path = index.local_copy(shard.index, cache, key)
+    if shard.index_sha256:
+        verified = f"{path}.verified"
+        if index.local or not os.path.exists(verified):
+            for file, want in ((path, shard.index_sha256), (data, shard.ivfdata_sha256)):
+                if file_sha256(file) != want:
+                    raise MismatchError(f"index shard {shard.name}: {file} does not match the manifest's checksum "
+                                        "(corrupt or replaced): rebuild it with `replica index merge` into a new index")
+            if not index.local:
+                open(verified, "w").close()
+    return path
 
 
 class ShardSet:

@@ -21,7 +21,7 @@ from pipeline.errors import ConfigError, MismatchError
 from pipeline.index import factory as fac
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.registry import Registry
-from pipeline.layout.embeddings import EmbeddingsFolder, vectors_of
+from pipeline.layout.embeddings import EmbeddingsFolder, check_columns, vectors_of
 from pipeline.layout.index import TrainedInfo, sha256_bytes
 from pipeline.progress import NullProgress, Progress
 
@@ -45,7 +45,9 @@ def read_ok_vectors(folder: EmbeddingsFolder, shard: str, positions: np.ndarray 
     with folder.open(folder.parquet_name(shard)) as f:
         import pyarrow.parquet as pq
 
-        table = pq.ParquetFile(f).read(columns=["row", "status", "embedding"])
+        pf = pq.ParquetFile(f)
+        check_columns(pf.schema_arrow, folder.parquet_url(shard))
+        table = pf.read(columns=["row", "status", "embedding"])
     if positions is not None:
         table = table.take(pa.array(np.sort(positions)))
     ok = pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("embedding")))
@@ -93,8 +95,9 @@ def sample_vectors(folder: EmbeddingsFolder, shards: list[str], n_sample: int, *
     return x, n_est
 
 
-def train_index(x: np.ndarray, factory: str, metric: str = "ip", device: str = "auto") -> tuple[Any, str]:
-    """Train an empty index of ``factory`` on ``x``; k-means on the GPU when asked/available."""
+def train_index(x: np.ndarray, factory: str, metric: str = "ip", gpu: bool = False) -> tuple[Any, str]:
+    """Train an empty index of ``factory`` on ``x``; k-means on this node's GPUs when ``gpu`` and
+    faiss has GPU support here (else on its CPUs, said in the returned device)."""
     import faiss
 
     index = faiss.index_factory(x.shape[1], factory, fac.metric_of(metric))
@@ -103,10 +106,8 @@ def train_index(x: np.ndarray, factory: str, metric: str = "ip", device: str = "
         # the factory turns on polysemous code reordering (simulated annealing, minutes of CPU)
         # that only polysemous search uses; we never search that way
         faiss.downcast_index(ivf_pq).do_polysemous_training = False
-    use_gpu = device == "cuda" or (device == "auto" and gpu_faiss_available())
-    if device == "cuda" and not gpu_faiss_available():
-        raise ConfigError("index.train_device is cuda but faiss has no GPU support or no GPU is visible")
-    used = "cpu"
+    use_gpu = gpu and gpu_faiss_available()
+    used = "cpu" if not gpu else "cpu (a GPU was asked for, but faiss on this node has no GPU support)"
     if use_gpu:
         ivf = faiss.extract_index_ivf(index)
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
@@ -117,7 +118,7 @@ def train_index(x: np.ndarray, factory: str, metric: str = "ip", device: str = "
     return index, used
 
 
-def _train_job(p: IndexPlan, shards: list[str], info: TrainedInfo, n_sample: int,
+def _train_job(p: IndexPlan, shards: list[str], info: TrainedInfo, n_sample: int, gpu: bool,
                progress: Progress | None = None) -> TrainedInfo:
     """Sample, train, write. Runs on the driver or inside a GPU Ray task."""
     import faiss
@@ -128,7 +129,11 @@ def _train_job(p: IndexPlan, shards: list[str], info: TrainedInfo, n_sample: int
     x, _ = sample_vectors(p.embeddings, shards, n_sample, max_shards=cfg.train_max_shards, seed=cfg.seed,
                           progress=progress)
     t1 = time.time()
-    index, device = train_index(x, info.factory, cfg.metric, cfg.train_device)
+    index, device = train_index(x, info.factory, cfg.metric, gpu)
+    if gpu:
+        import ray
+
+        device += f" on node {ray.get_runtime_context().get_node_id()[:12]}"
     t2 = time.time()
     data = faiss.serialize_index(index).tobytes()
     info.sha256 = sha256_bytes(data)
@@ -153,13 +158,17 @@ def _train_locked(p: IndexPlan, progress: Progress) -> TrainedInfo:
     cfg = p.cfg
     identity = p.embeddings.read_info().identity
     reg = Registry.load_or_create(p.index, p.embeddings, identity)
-    new = reg.register_complete()
-    if new:
-        reg.save(p.index)
-        progress.log(f"registered {len(new)} new shard(s); registry version {reg.version}, {len(reg)} shards")
+    new = reg.register_complete()  # saved once the settings are known to work
+
+    def save_registry() -> None:
+        if new:
+            reg.save(p.index)
+            progress.log(f"registered {len(new)} new shard(s); registry version {reg.version}, {len(reg)} shards")
+
     if len(reg) == 0:
         raise ConfigError(f"{cfg.embeddings!r} has no complete shards (no shard's stats file is written yet)")
     if p.index.is_trained():
+        save_registry()
         info = p.index.read_trained_info()
         if cfg.factory and cfg.factory != info.factory:
             raise MismatchError(
@@ -190,27 +199,45 @@ def _train_locked(p: IndexPlan, progress: Progress) -> TrainedInfo:
         factory = fac.choose_factory(dim, n_est, budget, max_nlist=cfg.max_nlist, nlist=cfg.nlist)
     finfo = fac.describe_factory(factory, dim, cfg.metric)
     n_sample = cfg.train_size or fac.default_train_size(finfo.nlist, n_est, cfg.train_cap)
-    if n_sample < finfo.nlist:
+    need = fac.min_training_points(factory, dim, cfg.metric)
+    if min(n_sample, n_est) < need:
         raise ConfigError(
-            f"training sample {n_sample:,} is smaller than nlist {finfo.nlist}: lower nlist or raise index.train_size"
+            f"{factory} needs at least {need:,} training vectors (one per IVF list and PQ codeword), but only "
+            f"{min(n_sample, n_est):,} are available: use a smaller factory (fewer lists, Flat codes) or leave "
+            "--factory empty to have one chosen"
         )
+    save_registry()
     progress.log(f"index factory {finfo.describe(n_est)}")
     progress.log(f"training on {n_sample:,} sampled vectors (corpus ~{n_est:,} in {len(shards)} shards)")
     info = TrainedInfo(**finfo.to_dict(), identity=identity, embeddings=p.embeddings.url, corpus_estimate=n_est,
                        registry_version=reg.version)
-    use_gpu_task = False
-    if cfg.train_device != "cpu":
+    if wants_gpu_task(cfg):
         import ray
 
-        from pipeline.ray_util import cluster_gpus, connect
+        # a task asking for a GPU: on an autoscaling cluster whose GPU nodes are gone after embed,
+        # the pending request is what makes the autoscaler add one
+        progress.log("training in a Ray task that asks for one GPU (it waits until the cluster has one)")
+        ref = ray.remote(num_gpus=1)(_train_job).remote(p, shards, info, n_sample, True)
+        waited = 0
+        while not ray.wait([ref], timeout=60)[0]:
+            waited += 60
+            progress.log(f"index train: waiting {waited}s for the GPU task (pending until a node with a GPU joins)")
+        return ray.get(ref)
+    return _train_job(p, shards, info, n_sample, False, progress)
 
-        if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-            connect(cfg.ray.address)
-            use_gpu_task = cluster_gpus() >= 1
-    if use_gpu_task:
-        import ray
 
-        progress.log("training in a Ray task on one GPU")
-        task = ray.remote(num_gpus=1)(_train_job)
-        return ray.get(task.remote(p, shards, info, n_sample))
-    return _train_job(p, shards, info, n_sample, progress)
+def wants_gpu_task(cfg: IndexConfig) -> bool:
+    """``cuda``: always (ask the cluster for a GPU); ``auto``: when the cluster has a GPU now; ``cpu``: never."""
+    if cfg.train_device == "cpu":
+        return False
+    import ray
+
+    from pipeline.ray_util import cluster_gpus, connect
+
+    if cfg.train_device == "cuda":
+        connect(cfg.ray.address)
+        return True
+    if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        connect(cfg.ray.address)
+        return cluster_gpus() >= 1
+    return False

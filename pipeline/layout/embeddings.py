@@ -110,6 +110,17 @@ def check_same_identity(have: dict[str, Any], want: dict[str, Any], where: str) 
         )
 
 
+#: the columns every reader of an embedding shard relies on
+REQUIRED_COLUMNS = ("row", "status", "embedding")
+
+
+def check_columns(schema: pa.Schema, where: str) -> None:
+    """Refuse a Parquet file that is not an embedding shard (one line, before anything reads it)."""
+    missing = sorted(set(REQUIRED_COLUMNS) - set(schema.names))
+    if missing:
+        raise MismatchError(f"{where} is not an embedding shard: it lacks the column(s) {', '.join(missing)}")
+
+
 def shard_table(shard: str, dim: int, identity: dict[str, Any], columns: Mapping[str, Sequence | pa.Array],
                 vectors: np.ndarray | None, valid: np.ndarray) -> pa.Table:
     """One shard's table in the embedding schema.

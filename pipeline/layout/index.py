@@ -91,6 +91,9 @@ class IndexShard:
     trained_sha256: str
     index_bytes: int = 0
     ivfdata_bytes: int = 0
+    #: checksums of the two files, verified when a shard is loaded (empty in indexes of 0.1)
+    index_sha256: str = ""
+    ivfdata_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -170,6 +170,8 @@ class RunRecord:
     blocklist: dict[str, Any] | None = None
     subset: dict[str, Any] | None = None
     pixels_fetched: int | None = None
+    #: query files that could not be read (skipped): [{"source", "error"}], the first 100
+    unreadable_queries: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
