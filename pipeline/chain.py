@@ -12,8 +12,9 @@ sections is filled from the section before it: embed reads ingest's complete tar
 (or import) output, search the index.
 
 Which queries a run searches is decided here, not in search: the query images in
-``search.queries`` (a folder) are listed, those whose URL is in the ``source`` column of an
-earlier run's ``queries.parquet`` are dropped, and the rest go to search as the run's own
+``search.queries`` (a folder) are listed, those an earlier run's search went through are dropped
+(the ``source`` column of its ``queries.parquet``, and the files a finished search was handed in
+its ``query_inputs.parquet``, unreadable ones included), and the rest go to search as the run's own
 ``query_inputs.parquet``. A query searched once is not searched again against corpus data added
 later; ``pipeline.search_queries: all`` searches every query image against the corpus as it is now.
 
@@ -151,7 +152,7 @@ def list_query_files(spec: str, storage) -> list[QueryFile] | None:
 
 
 def select_queries(spec: str, results: ResultsFolder, run_id: str, storage) -> QuerySelection | None:
-    """The query images no earlier run in ``results`` searched (matched by their URL)."""
+    """The query images no earlier run's search in ``results`` went through (matched by their URL)."""
     files = list_query_files(spec, storage)
     if files is None:
         return None

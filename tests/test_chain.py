@@ -102,8 +102,15 @@ def test_new_query_images_are_those_no_earlier_run_searched(tmp_path):
     assert (sel.listed, sel.searched_before) == (4, 2)
     assert [(q.key, Path(q.url).name, q.prompt_url and Path(q.prompt_url).name) for q in sel.new] == \
         [("c", "c.webp", None), ("d", "d.png", "d.txt")]
+    # a pipeline run handed c to search, which skipped it as unreadable: once that search finished
+    # (run.json), c is not handed over again, run after run
+    r4 = ResultsFolder(str(results)).run("r4")
+    r4.write_table(layout.QUERY_INPUTS, {"key": ["c"], "path": [str(gen / "c.webp")], "prompt": [None]})
+    assert [q.key for q in select_queries(str(gen), ResultsFolder(str(results)), "r5", None).new] == ["c", "d"]
+    r4.write_record(layout.RunRecord(run_id="r4", unreadable_queries=[{"source": str(gen / "c.webp"), "error": "x"}]))
+    assert [q.key for q in select_queries(str(gen), ResultsFolder(str(results)), "r5", None).new] == ["d"]
     # the run being planned does not count against itself (a rerun of a failed run searches its queries again)
-    assert len(select_queries(str(gen), ResultsFolder(str(results)), "r2", None).new) == 3
+    assert [q.key for q in select_queries(str(gen), ResultsFolder(str(results)), "r2", None).new] == ["b", "d"]
     (gen / "a.jpg").write_bytes(b"x")
     with pytest.raises(Exception, match="query keys repeat"):
         select_queries(str(gen), ResultsFolder(str(results)), "r3", None)

@@ -323,12 +323,17 @@ class RunFolder(Folder):
         return RunSummary.from_json(self.read_json(SUMMARY)) if self.exists(SUMMARY) else None
 
     def query_sources(self) -> list[str]:
-        """Where this run's queries came from (queries.parquet's `source`, that column only); [] before
-        its search wrote the table."""
-        if not self.exists(QUERIES):
-            return []
-        with self.open(QUERIES) as f:
-            return [s for s in pq.read_table(f, columns=["source"]).column("source").to_pylist() if s]
+        """The query images this run's search went through: queries.parquet's `source` (that column only),
+        and, once the search finished (run.json), every file a pipeline run handed it in query_inputs.parquet
+        (unreadable ones included: search skipped and counted them)."""
+        out: list[str] = []
+        if self.exists(QUERIES):
+            with self.open(QUERIES) as f:
+                out += [s for s in pq.read_table(f, columns=["source"]).column("source").to_pylist() if s]
+        if self.exists(RUN_JSON) and self.exists(QUERY_INPUTS):
+            with self.open(QUERY_INPUTS) as f:
+                out += pq.read_table(f, columns=["path"]).column("path").to_pylist()
+        return out
 
     def read_summary(self) -> RunSummary:
         if not self.exists(SUMMARY):
