@@ -43,6 +43,8 @@ class EmbedderConfig:
     pretrained: str | None = None
     #: local path or fsspec URL of weights: open_clip checkpoint or SSCD TorchScript file
     checkpoint: str | None = None
+    #: the sha256 the checkpoint file must have (pins weights fetched from a URL); empty = not checked
+    checkpoint_sha256: str | None = None
     #: JSON file of an open_clip model config to register (custom architectures)
     model_config: str | None = None
     #: preprocessing: resize short side to this many pixels, then centre-crop a square

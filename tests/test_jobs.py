@@ -10,6 +10,7 @@ import collections
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,6 +58,7 @@ class Head:
     address: str
     temp_dir: str
     env: dict
+    metrics_port: int
     log: Path
 
 
@@ -79,7 +81,7 @@ def ray_head():
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=temp_dir, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    head = Head(f"http://127.0.0.1:{ports['dashboard-port']}", temp_dir, env, log)
+    head = Head(f"http://127.0.0.1:{ports['dashboard-port']}", temp_dir, env, ports["metrics-export-port"], log)
     try:
         deadline = time.time() + 120
         # the job API answers on the dashboard; it hands jobs to the node's agent
@@ -134,9 +136,22 @@ def test_ray_job_submit_embed_every_key_once_then_resume(ray_head, tmp_path):
     assert len(expected) == 60
 
     log = ray_job_submit(ray_head, tmp_path, "python", "jobs/embed.py", "--input", f"{tars}/*.tar",
-                         "--output", str(out), "--quiet")
+                         "--output", str(out))
     assert "Connecting to existing Ray cluster" in log  # the job joined the head, not a Ray of its own
     assert "embedded 60/60 images from 3 shards (0 already complete)" in log
+    # the job's stdout is not a terminal: plain progress lines, not a live display that prints at exit
+    assert re.search(r"^embed: 3/3 shards \(100%\), [\d,]+ img/s, 0 failed, \d+s \(done\)$", log, re.M), log[-3000:]
+
+    # the run's counters reach the head's Prometheus endpoint (exported by Ray's metrics agent)
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline and "ray_replica_records_total" not in text:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ray_head.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        time.sleep(2)
+    for name in ("ray_replica_units_done_total", "ray_replica_records_total", "ray_replica_bytes_read_total",
+                 "ray_replica_records_per_second"):
+        assert re.search(rf'^{name}{{[^}}]*stage="embed"[^}}]*}} ', text, re.M), (name, text[-2000:])
+    assert re.search(r'^ray_replica_records_total{[^}]*stage="embed"[^}]*} 60(\.0)?$', text, re.M)
 
     files = sorted(out.glob("*.parquet"))
     assert [f.stem for f in files] == ["00000", "00001", "00002"]

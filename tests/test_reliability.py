@@ -11,7 +11,6 @@ import os
 import subprocess
 import tarfile
 import threading
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

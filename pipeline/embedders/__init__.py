@@ -26,6 +26,10 @@ def validate(cfg: EmbedderConfig, storage: Storage | None = None) -> None:
         raise ConfigError(f"embedder.device must be auto, cpu or cuda, got {cfg.device!r}")
     if cfg.image_size is not None and cfg.image_size < 16:
         raise ConfigError(f"embedder.image_size must be >= 16, got {cfg.image_size}")
+    if cfg.checkpoint_sha256 and (not cfg.checkpoint or len(cfg.checkpoint_sha256) != 64
+                                  or any(c not in "0123456789abcdefABCDEF" for c in cfg.checkpoint_sha256)):
+        raise ConfigError("embedder.checkpoint_sha256 must be the 64 hex digits of the checkpoint's sha256 "
+                          "(and embedder.checkpoint must be set)")
     for label, url in (("checkpoint", cfg.checkpoint), ("model_config", cfg.model_config)):
         if url and not exists(url, storage):
             raise ConfigError(f"embedder.{label} {url!r} does not exist")

@@ -5,8 +5,8 @@ import json
 
 from pipeline.config import EmbedderConfig
 from pipeline.embedders.base import Embedder
-from pipeline.embedders.torch_util import TorchImageEmbedder, pick_device
-from pipeline.storage import Storage, file_sha256, local_copy, read_bytes
+from pipeline.embedders.torch_util import TorchImageEmbedder, checkpoint_file, pick_device
+from pipeline.storage import Storage, read_bytes
 
 
 def known_architectures() -> set[str]:
@@ -47,11 +47,12 @@ class OpenClipEmbedder(TorchImageEmbedder, Embedder):
             register_config(cfg.model_config, storage)
         self.device = pick_device(cfg.device)
         if cfg.checkpoint:
-            path = local_copy(cfg.checkpoint, storage)
-            pretrained, self.weights = path, "sha256:" + file_sha256(path)
+            pretrained, self.weights = checkpoint_file(cfg, storage)
         else:
             pretrained, self.weights = cfg.pretrained, f"tag:{cfg.pretrained}"
-        model, _, _ = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained, device=self.device)
+        # weights_only: a checkpoint is tensors; nothing read from storage is unpickled
+        model, _, _ = open_clip.create_model_and_transforms(cfg.model, pretrained=pretrained, device=self.device,
+                                                            weights_only=True)
         self.model = model.eval()
         self.arch = cfg.model
         visual = model.visual

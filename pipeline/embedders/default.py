@@ -286,11 +286,14 @@ class Whitening:
         return w
 
 
-def load_whitening(url: str | None = None, storage: Storage | None = None) -> tuple[Whitening, str]:
+def load_whitening(url: str | None = None, storage: Storage | None = None,
+                   pinned: str | None = None) -> tuple[Whitening, str]:
     """(whitening, sha256 of its file): the shipped one, or ``url`` (any fsspec URL)."""
     if url:
         data = read_bytes(url, storage)
         where = f"embedder.checkpoint {url!r}"
+        if pinned and hashlib.sha256(data).hexdigest() != pinned.lower():
+            raise ConfigError(f"{where} has sha256 {hashlib.sha256(data).hexdigest()}, not the pinned {pinned}")
     else:
         if not SHIPPED_WHITENING.is_file():
             raise ConfigError(
@@ -337,7 +340,7 @@ class DefaultDescriptor(Embedder):
                 f"the default descriptor works on {INPUT_SIZE} px inputs (its whitening is fitted "
                 f"for them); leave embedder.image_size unset, got {cfg.image_size}"
             )
-        self.whitening, self.sha256 = load_whitening(cfg.checkpoint, storage)
+        self.whitening, self.sha256 = load_whitening(cfg.checkpoint, storage, cfg.checkpoint_sha256)
         self.dim = self.whitening.dim
         self.region_scales = tuple(float(x) for x in cfg.query_region_scales)
         self.region_step = float(cfg.query_region_step)

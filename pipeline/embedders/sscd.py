@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pipeline.config import EmbedderConfig
 from pipeline.embedders.base import Embedder
-from pipeline.embedders.torch_util import IMAGENET_MEAN, IMAGENET_STD, TorchImageEmbedder, pick_device
-from pipeline.storage import Storage, file_sha256, local_copy
+from pipeline.embedders.torch_util import IMAGENET_MEAN, IMAGENET_STD, TorchImageEmbedder, checkpoint_file, pick_device
+from pipeline.storage import Storage
 
 DEFAULT_SIZE = 288
 
@@ -20,8 +20,7 @@ class SscdEmbedder(TorchImageEmbedder, Embedder):
         import torch
 
         self.device = pick_device(cfg.device)
-        path = local_copy(cfg.checkpoint, storage)
-        self.weights = "sha256:" + file_sha256(path)
+        path, self.weights = checkpoint_file(cfg, storage)
         # TorchScript is deprecated for new models but the published SSCD files are TorchScript.
         self.model = torch.jit.load(path, map_location=self.device).eval()
         self.image_size = cfg.image_size or DEFAULT_SIZE

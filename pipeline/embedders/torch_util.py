@@ -19,6 +19,19 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def checkpoint_file(cfg, storage) -> tuple[str, str]:
+    """(local path, ``sha256:<hex>``) of the configured checkpoint, refused when it is not the pinned one."""
+    from pipeline.errors import ConfigError
+    from pipeline.storage import file_sha256, local_copy
+
+    path = local_copy(cfg.checkpoint, storage, key=cfg.checkpoint_sha256 or "")
+    digest = file_sha256(path)
+    if cfg.checkpoint_sha256 and digest != cfg.checkpoint_sha256.lower():
+        raise ConfigError(f"embedder.checkpoint {cfg.checkpoint!r} has sha256 {digest}, not the pinned "
+                          f"{cfg.checkpoint_sha256}: it changed or is not the file you meant")
+    return path, f"sha256:{digest}"
+
+
 def to_normalized_tensor(batch: np.ndarray, mean: tuple, std: tuple, device: str):
     """(n, h, w, 3) uint8 -> (n, 3, h, w) float tensor normalised with mean/std on ``device``."""
     import torch

@@ -1,0 +1,69 @@
+"""Test and benchmark support: kill -9 of this process's own Ray workers, by what they run.
+
+Not used by any stage. Ray names a worker process after the task or actor it runs
+(``ray::embed_shard``, ``ray::EmbedActor``...); only descendants of the calling process (the Ray
+it started) are ever touched.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+def descends_from_us(pid: int) -> bool:
+    """Only processes of this test's own Ray are ever killed."""
+    me = os.getpid()
+    while pid > 1:
+        if pid == me:
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def ray_processes(title: str) -> list[int]:
+    """Ray worker processes of ours whose title (``ray::<task or actor>``) starts with ``title``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmdline.startswith(f"ray::{title}") and descends_from_us(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def kill_one(titles: list[str], give_up_s: float = 30, rng: random.Random | None = None) -> tuple[str, int] | None:
+    """SIGKILL one live process of one of the given kinds (waiting until one exists)."""
+    rng = rng or random.Random()
+    end = time.time() + give_up_s
+    while time.time() < end:
+        for title in titles:
+            pids = ray_processes(title)
+            if pids:
+                pid = rng.choice(pids)
+                os.kill(pid, signal.SIGKILL)
+                return title, pid
+        time.sleep(0.01)
+    return None
+
+
+class Killer(threading.Thread):
+    """After a random delay, kills one live process of the given kinds."""
+
+    def __init__(self, titles: list[str], delay_s: float, rng: random.Random | None = None):
+        super().__init__(daemon=True)
+        self.titles, self.delay_s, self.rng, self.killed = titles, delay_s, rng, []
+
+    def run(self) -> None:
+        time.sleep(self.delay_s)
+        found = kill_one(self.titles, rng=self.rng)
+        if found:
+            self.killed.append(found)
