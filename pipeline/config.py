@@ -1,7 +1,7 @@
 """One typed config for every stage, loaded from a YAML/TOML file and/or CLI flags.
 
-A config file has one section per command (``embed``, ``index``, ``import``, ``search``,
-``report``): the same file serves every command and ``replica pipeline``. Sections map to
+A config file has one section per command (``ingest``, ``embed``, ``index``, ``import``, ``search``,
+``report``, ``pipeline``): the same file serves every command and ``replica pipeline``. Sections map to
 dataclasses; unknown keys and wrong types are errors, so a typo fails before any work starts.
 
 Flags are made from the fields (pipeline/cli/options.py), one rule for all: a field ``f`` of the
@@ -63,6 +63,74 @@ class EmbedderConfig:
 class RayConfig:
     #: Ray address ("auto", "ray://host:10001"); empty = RAY_ADDRESS or a local Ray
     address: str | None = None
+
+
+@dataclass
+class IngestConfig:
+    """`replica ingest`: LAION-style URL lists -> WebDataset tars (img2dataset) that `replica embed` reads."""
+
+    #: URL list file(s): Parquet, CSV, TSV, JSON Lines or text (one URL a line, .gz too); a path,
+    #: glob, brace list or folder, local or s3://. New files are added to the folder on later runs
+    input: list[str] = field(default_factory=list)
+    #: tar folder: {output}/{shard}.tar, img2dataset's {shard}.parquet and {shard}_stats.json
+    output: str = ""
+    s3: Storage = field(default_factory=Storage)
+    ray: RayConfig = field(default_factory=RayConfig)
+    #: list format; "auto" = from each file's name
+    input_format: str = choice("auto", "auto", "parquet", "csv", "csv.gz", "tsv", "tsv.gz", "jsonl", "jsonl.gz",
+                               "json", "json.gz", "txt", "txt.gz")
+    #: list column holding the image URL (LAION's Parquet files: URL)
+    url_column: str = "url"
+    #: list column holding the caption (LAION: TEXT); empty = no captions
+    caption_column: str = "caption"
+    #: other list columns kept in each sample's json (e.g. LAION's similarity, punsafe, pwatermark)
+    columns: list[str] = field(default_factory=list)
+    #: pixels of the side that resize_mode sets; 288 = SSCD's short side (docs: README "Ingest")
+    image_size: int = 288
+    #: "keep_ratio": short side = image_size, nothing cropped or padded; "no": keep the originals;
+    #: "keep_ratio_largest": long side = image_size; "center_crop" and "border" (img2dataset's
+    #: default) crop or pad to a square, which changes what a copy detector sees
+    resize_mode: str = choice("keep_ratio", "keep_ratio", "no", "keep_ratio_largest", "center_crop", "border")
+    #: never upscale: images smaller than image_size are kept at their size
+    resize_only_if_bigger: bool = True
+    #: keep the downloaded bytes of images that need no resize and are already in encode_format
+    skip_reencode: bool = True
+    #: format of the stored images
+    encode_format: str = choice("jpg", "jpg", "png", "webp")
+    #: JPEG/WebP quality (0-100), or PNG compression (0-9)
+    encode_quality: int = 95
+    #: drop images whose short side is below this many pixels (0 = keep all)
+    min_image_size: int = 0
+    #: hash of the downloaded bytes kept in each sample's json (matches published hash lists); "none" = off
+    compute_hash: str = choice("sha256", "sha256", "md5", "sha512", "none")
+    #: URLs per tar (img2dataset's number_sample_per_shard)
+    samples_per_shard: int = 10000
+    #: digits of the shard numbers in tar names (6: up to 1M tars, LAION-5B at 10,000 per tar)
+    shard_digits: int = 6
+    #: parallel downloads inside one shard task (img2dataset's thread_count)
+    threads: int = 64
+    #: seconds a connection or a read may stall before the URL counts as failed ("timeout")
+    timeout: float = 10
+    #: extra attempts per URL after a failed download
+    retries: int = 0
+    #: X-Robots-Tag directives that exclude an image (img2dataset's default); empty = download all
+    disallowed_header_directives: list[str] = field(default_factory=lambda: ["noai", "noimageai", "noindex",
+                                                                              "noimageindex"])
+    #: name added to the User-Agent ("compatible; NAME; +img2dataset's URL"), so site owners can tell
+    #: this crawl apart and opt out of it with X-Robots-Tag "NAME: noai" (img2dataset's user_agent_token)
+    user_agent_name: str = ""
+    #: CPUs reserved per shard task (downloads are network-bound; resizing uses one core)
+    cpus_per_task: float = 1
+    #: shard tasks in flight at once; 0 = cluster CPUs / cpus_per_task, followed as the cluster changes
+    max_shards_in_flight: int = 0
+    #: attempts per shard before it is left incomplete (storage errors only; a dead URL is a counted failure)
+    shard_attempts: int = 3
+    #: end with exit code 3 when more than this share of the URLs failed (dead links are normal on LAION)
+    max_failed_fraction: float = 0.5
+    #: take over the output's lock when its holder's heartbeat is older than lock_stale_after_s
+    break_lock: bool = False
+    #: seconds without a heartbeat after which a lock is stale (its run is presumed dead)
+    lock_stale_after_s: float = 600
 
 
 @dataclass
@@ -266,12 +334,27 @@ class ReportConfig:
     max_queries: int = 200
 
 
+@dataclass
+class PipelineConfig:
+    """`replica pipeline`: the stages chained for scheduled runs (sections ingest, import, embed, index, search)."""
+
+    #: Ray address for every stage (else each section's ray.address, RAY_ADDRESS, or a local Ray)
+    ray: RayConfig = field(default_factory=RayConfig)
+    #: run name; empty = search.run_id, else the UTC start time. The run's record and results land in
+    #: {search.output}/run_id={run_id}/
+    run_id: str = ""
+    #: "new": search only the query images no earlier run in search.output searched; "all": search
+    #: every query image again (against the corpus as it is now)
+    search_queries: str = choice("new", "new", "all")
+
+
 #: The config sections a file may hold, by the command that reads them.
-SECTIONS = {"embed": EmbedConfig, "index": IndexConfig, "import": ImportConfig, "search": SearchConfig,
-            "report": ReportConfig}
+SECTIONS = {"ingest": IngestConfig, "embed": EmbedConfig, "index": IndexConfig, "import": ImportConfig,
+            "search": SearchConfig, "report": ReportConfig, "pipeline": PipelineConfig}
 #: The command each section belongs to (docs/CONFIG.md headings).
-COMMANDS = {"embed": "replica embed", "index": "replica index train|add|merge|build",
-            "import": "replica import-embeddings", "search": "replica search", "report": "replica report"}
+COMMANDS = {"ingest": "replica ingest", "embed": "replica embed", "index": "replica index train|add|merge|build",
+            "import": "replica import-embeddings", "search": "replica search", "report": "replica report",
+            "pipeline": "replica pipeline"}
 
 
 # --------------------------------------------------------------------------- names of the last release
@@ -350,7 +433,7 @@ def file_section(path: str | None, section: str) -> tuple[dict[str, Any], list[s
                      "(flat files are accepted until the next release)")
         body = data
     else:
-        unknown = sorted(set(data) - set(SECTIONS) - {"pipeline"})
+        unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
             raise ConfigError(f"unknown section {unknown[0]!r} in {path}; sections are {', '.join(SECTIONS)}")
         body = data.get(section) or {}

@@ -34,6 +34,7 @@ from pipeline.embedders import build_embedder, build_preprocessor, validate
 from pipeline.errors import ConfigError, ReplicaError, RunIncomplete, TooManyFailures
 from pipeline.layout import embeddings as emb
 from pipeline.layout.embeddings import EmbeddingsFolder, EmbeddingsInfo, FailureRecord, ShardStats
+from pipeline.layout.ingest import complete_only
 from pipeline.progress import NullProgress, Progress
 from pipeline.storage import expand_inputs, missing_files
 from pipeline.tars import Sample, TarReadResult, iter_samples, shard_name
@@ -50,12 +51,12 @@ class EmbedPlan:
     output: EmbeddingsFolder
     tars: list[str]
     shards: list[str]
+    #: tars of an ingest folder that are not complete yet (left for a later run)
+    unfinished: list[str] = field(default_factory=list)
 
 
-def plan(cfg: EmbedConfig) -> EmbedPlan:
-    """Check everything that can be checked before work starts; raise ConfigError if not."""
-    if not cfg.input:
-        raise ConfigError("no input given: pass --input with tar URLs, a glob or a brace list")
+def check_settings(cfg: EmbedConfig) -> None:
+    """The checks that need no input tars (``replica pipeline`` runs them before its ingest makes the tars)."""
     if not cfg.output:
         raise ConfigError("no output given: pass --output with a folder URL for the embeddings")
     for name in ("batch_size", "row_group_size", "shard_attempts", "max_member_bytes"):
@@ -65,6 +66,13 @@ def plan(cfg: EmbedConfig) -> EmbedPlan:
         raise ConfigError("max_failed_fraction must lie in [0, 1] and max_failed_shards be >= 0")
     validate(cfg.embedder, cfg.s3)
     build_preprocessor(cfg.embedder, cfg.s3)  # cheap; catches missing descriptor files early
+
+
+def plan(cfg: EmbedConfig) -> EmbedPlan:
+    """Check everything that can be checked before work starts; raise ConfigError if not."""
+    if not cfg.input:
+        raise ConfigError("no input given: pass --input with tar URLs, a glob or a brace list")
+    check_settings(cfg)
     try:
         tars = expand_inputs(cfg.input, cfg.s3)
     except (OSError, ValueError) as exc:
@@ -73,8 +81,12 @@ def plan(cfg: EmbedConfig) -> EmbedPlan:
     if not tars or missing:
         what = missing[0] if missing else ", ".join(cfg.input)
         raise ConfigError(f"no input tar at {what!r}: check --input (a path, glob or brace list of .tar files)")
+    tars, unfinished = complete_only(tars, cfg.s3)  # `replica ingest` may still be writing some
+    if not tars:
+        raise ConfigError(f"none of the {len(unfinished)} input tar(s) is complete yet: `replica ingest` is still writing "
+                          f"them or was stopped (rerun it), e.g. {unfinished[0]!r}")
     shards = [shard_name(t) for t in tars]
-    dupes = sorted({s for s in shards if shards.count(s) > 1})
+    dupes = sorted(s for s, n in Counter(shards).items() if n > 1)  # one pass: LAION-5B has ~585k tars
     if dupes:
         raise ConfigError(f"two input tars share the shard name {dupes[0]!r}; outputs are named by tar basename")
     output = EmbeddingsFolder(cfg.output, cfg.s3)
@@ -82,7 +94,7 @@ def plan(cfg: EmbedConfig) -> EmbedPlan:
         output.check_writable()
     except Exception as exc:  # noqa: BLE001 - any failure to write means the same to the user
         raise ConfigError(f"cannot write to output {cfg.output!r}: {type(exc).__name__}: {exc}") from exc
-    return EmbedPlan(cfg=cfg, output=output, tars=tars, shards=shards)
+    return EmbedPlan(cfg=cfg, output=output, tars=tars, shards=shards, unfinished=unfinished)
 
 
 # --------------------------------------------------------------------------- per-shard work
@@ -354,6 +366,9 @@ def _embed_with(ray, actors: list, p: EmbedPlan, progress: Progress, on_shard_do
     p.output.claim(EmbeddingsInfo(identity=identity, embedder_config=to_dict(cfg.embedder)))
 
     done = set(p.output.complete_shards())
+    if p.unfinished:
+        progress.log(f"{len(p.unfinished)} input tar(s) of an ingest folder are not complete yet (no stats file): "
+                     "left for a later run")
     if cfg.retry_failed:
         failed_before = set(p.output.failed_shards())
         todo = [t for t, s in zip(p.tars, p.shards) if s in failed_before and s not in done]

@@ -152,6 +152,16 @@ def import_shard(p: ImportPlan, name: str, f: ReleaseFile, meta: pa.Table, a: in
     return stats
 
 
+def raise_for_failures(summary: dict[str, Any], max_failed_fraction: float) -> None:
+    """Exit code 3 when more than ``max_failed_fraction`` of the imported vectors are unusable."""
+    from pipeline.errors import TooManyFailures
+
+    rows, failed = summary["rows_written"], summary["rows_failed"]
+    if rows and failed / rows > max_failed_fraction:
+        raise TooManyFailures(f"{failed} of {rows} released vectors are unusable, over --max-failed-fraction "
+                              f"{max_failed_fraction}")
+
+
 def run_import(cfg: ImportConfig, progress: Progress | None = None, threads: int = 4) -> dict[str, Any]:
     from pipeline.layout.lock import OutputLock
 

@@ -111,6 +111,30 @@ class Storage:
         return asdict(self)
 
 
+@contextmanager
+def fsspec_defaults(storage: Storage | None) -> Iterator[None]:
+    """Make third-party code that opens URLs with plain ``fsspec`` (img2dataset) use ``storage``'s
+    object-store settings (endpoint, region, retries) for the duration of the block.
+
+    fsspec merges ``fsspec.config.conf[protocol]`` into every filesystem it creates for that
+    protocol. Ray runs one task at a time in a worker process, so the change stays in one task.
+    """
+    import fsspec.config
+
+    opts = (storage or Storage()).merged_with_env().options_for("s3")
+    saved = {p: fsspec.config.conf.get(p) for p in ("s3", "s3a")}
+    for p, before in saved.items():
+        fsspec.config.conf[p] = {**(before or {}), **opts}
+    try:
+        yield
+    finally:
+        for p, before in saved.items():
+            if before is None:
+                fsspec.config.conf.pop(p, None)
+            else:
+                fsspec.config.conf[p] = before
+
+
 def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 

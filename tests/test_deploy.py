@@ -29,7 +29,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from pipeline.config import SECTIONS, EmbedConfig, IndexConfig, SearchConfig, build
+from pipeline.config import SECTIONS, EmbedConfig, IndexConfig, IngestConfig, PipelineConfig, SearchConfig, build
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -104,16 +104,24 @@ def test_example_pipeline_config_builds_the_typed_configs():
     from pipeline.index.factory import choose_factory, describe_factory
     from pipeline.index.plan import plan_index
 
+    from pipeline.chain import Chain, check_resize, link
+
     data = load_one(INFRA / "pipeline.example.yaml")
-    assert set(data) == {"embed", "index", "search"}
+    assert set(data) == {"ingest", "embed", "index", "search", "pipeline"}
+    ingest = build(IngestConfig, data["ingest"], "ingest")
     embed = build(EmbedConfig, data["embed"], "embed")
     index = build(IndexConfig, data["index"], "index")
     search = build(SearchConfig, data["search"], "search")
     plan_index(index)
-    # the stages are chained, and everything lives on S3
+    # the stages are chained (embed reads the tars ingest completed), and everything lives on S3
+    chain = link(Chain(build(PipelineConfig, data["pipeline"]), index, search, ingest, None, embed))
+    assert chain.embed.input == [f"{ingest.output}/*.tar"]
     assert index.embeddings == embed.output and search.index == index.index
-    urls = [*embed.input, embed.output, embed.embedder.checkpoint, index.index, search.queries, search.output,
-            search.subset, *search.blocklist]
+    assert check_resize(ingest, embed) == []  # 288 px short sides for SSCD's 288, nothing padded
+    # LAION-5B fits the shard numbering: 5.85B URLs at samples_per_shard each
+    assert 5_850_000_000 / ingest.samples_per_shard < 10 ** ingest.shard_digits
+    urls = [*ingest.input, ingest.output, *chain.embed.input, embed.output, embed.embedder.checkpoint, index.index,
+            search.queries, search.output, search.subset, *search.blocklist]
     assert all(u.startswith("s3://") for u in urls), urls
     assert embed.gpus_per_actor == 1 and index.train_device == "auto"
     # LAION-5B scale: the factory chosen for 5.85B vectors fits the memory budget

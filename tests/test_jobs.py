@@ -23,6 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -171,41 +172,207 @@ def test_ray_job_submit_embed_every_key_once_then_resume(ray_head, tmp_path):
     assert {f.name: f.stat().st_mtime_ns for f in sorted(out.glob("*.parquet"))} == before
 
 
-def test_ray_job_submit_pipeline_embed_index_search_report(ray_head, tmp_path):
-    from pipeline.sample import make_sample_tars
+# ---------------------------------------------------------------------------------------------
+# the whole chain, on S3, through `ray job submit`, then a scheduled rerun
+
+
+def chain_config(root: str, storage, run_id: str = "") -> dict:
+    """Every section of a scheduled run, all inputs and outputs under ``root`` (a local folder or s3://)."""
+    s3 = {"endpoint_url": storage.endpoint_url, "region": storage.region} if root.startswith("s3://") else {}
+    return {
+        "ingest": {"input": [f"{root}/lists/"], "output": f"{root}/tars", "url_column": "URL", "caption_column": "TEXT",
+                   "columns": ["similarity"], "samples_per_shard": 20, "threads": 8, "timeout": 3, "s3": s3},
+        "embed": {"output": f"{root}/embeddings", "s3": s3},
+        # IVF4 probed whole (nprobe 4): exhaustive, so both runs of the comparison find exactly the same
+        "index": {"index": f"{root}/index", "factory": "IVF4,Flat", "nprobe": 4, "s3": s3},
+        "search": {"queries": f"{root}/generated/", "output": f"{root}/results", "regions": False, "verify_top": 0,
+                   "baseline_size": 30, "s3": s3},
+        "pipeline": {"run_id": run_id},
+    }
+
+
+def url_list(server, seeds: list[int], kinds: list[str] = ()) -> bytes:
+    import pyarrow as pa
+
+    urls = [server.url("img", s) for s in seeds]
+    for i, kind in enumerate(kinds):  # spread over the shards, as dead links are
+        urls.insert(5 * i + 2, server.url(kind, 500 + i))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"URL": urls, "TEXT": [f"caption of {u.rsplit('/', 2)[-2]} {u.rsplit('/', 1)[-1]}"
+                                                   for u in urls], "similarity": [0.3] * len(urls)}), buf)
+    return buf.getvalue()
+
+
+def upscaled(jpeg: bytes) -> bytes:
+    image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    buf = io.BytesIO()
+    image.resize((image.width * 3 // 2, image.height * 3 // 2)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def put(root: str, storage, files: dict[str, bytes]) -> None:
+    from pipeline.storage import write_bytes
+
+    for rel, data in files.items():
+        write_bytes(f"{root}/{rel}", data, storage)
+
+
+def tar_contents(root: str, storage) -> dict[str, tuple[str, str, str]]:
+    """key -> (sha256 of the stored image, caption, url) over every tar of an ingest folder."""
+    import hashlib
+
+    from pipeline.storage import filesystem
+
+    fs, path = filesystem(f"{root}/tars", storage)
+    out = {}
+    for tar in sorted(fs.glob(path + "/*.tar")):
+        members: dict[str, dict[str, bytes]] = {}
+        with fs.open(tar, "rb") as f, tarfile.open(fileobj=f) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        for key, mem in members.items():
+            out[f"{tar.rsplit('/', 1)[-1]}:{key}"] = (hashlib.sha256(mem["jpg"]).hexdigest(), mem["txt"].decode(),
+                                                      json.loads(mem["json"])["url"])
+    return out
+
+
+def embeddings_by_key(root: str, storage) -> dict[str, tuple[str, bytes]]:
+    from pipeline.layout.embeddings import EmbeddingsFolder
+
+    folder = EmbeddingsFolder(f"{root}/embeddings", storage)
+    out = {}
+    for shard in folder.complete_shards():
+        with folder.open(folder.parquet_name(shard)) as f:
+            for row in pq.read_table(f, columns=["key", "url", "embedding"]).to_pylist():
+                out[row["key"]] = (row["url"], bytes(memoryview(np.asarray(row["embedding"], np.float16))))
+    return out
+
+
+def run_tables(root: str, storage, run_id: str) -> tuple[list, dict, dict]:
+    """A run's matches (query, rank, match url, score), best scores per query, and pipeline record."""
+    from pipeline.layout.runs import MATCHES, QUERIES, ResultsFolder
+
+    run = ResultsFolder(f"{root}/results", storage).run(run_id)
+    with run.open(MATCHES) as f:
+        matches = sorted((m["query_key"], m["rank"], m["url"], round(m["score"], 4))
+                         for m in pq.read_table(f).to_pylist())
+    with run.open(QUERIES) as f:
+        best = {q["query_key"]: round(q["best_score"], 4) for q in pq.read_table(f).to_pylist()}
+    return matches, best, run.read_pipeline_record()
+
+
+def object_versions(root: str, storage) -> dict[str, tuple]:
+    """Every object under ``root`` on S3 with its ETag and modification time (a rewrite changes them)."""
+    from pipeline.storage import filesystem
+
+    fs, path = filesystem(root, storage)
+    return {p: (i.get("ETag"), str(i.get("LastModified"))) for p, i in fs.find(path, detail=True).items()}
+
+
+def test_ray_job_submit_whole_chain_on_s3_equals_local_then_a_rerun_does_only_new_work(ray_head, s3_server, tmp_path):
+    """URL lists and generated images on the local S3 server -> ingest (from a local HTTP server) -> embed ->
+    index -> search -> report, submitted with `ray job submit`; the same run on local disk gives the same
+    tars, vectors and matches; a second submission with a new URL list and a new query does only that."""
+    import uuid
+
+    from pipeline.testing.image_server import ImageServer
+    from pipeline.layout.runs import QUERIES, ResultsFolder
+
+    storage = s3_server
+    s3_root = f"s3://replica-test/chain-{uuid.uuid4().hex[:8]}"
+    local_root = str(tmp_path / "local")
+    failures = ["slow", "missing", "error", "html", "truncated", "cut", "loop", "noai"]
+    with ImageServer(ok_delay_s=0.2, slow_delay_s=8.0) as server:
+        corpus = list(range(40))
+        for seed in [*corpus, *range(500, 500 + len(failures)), *range(1000, 1015)]:
+            server.image(seed)  # drawn before the runs: a busy machine must not turn a good URL into a timeout
+        copied = [5, 23]
+        first_inputs = {"lists/part-00000.parquet": url_list(server, corpus, failures),
+                        "generated/novel-0.png": upscaled(jpeg_of_scene(9_000_000)),
+                        "generated/novel-0.txt": b"a prompt that copies nothing",
+                        **{f"generated/copy-{i}.png": upscaled(server.image(i)) for i in copied},
+                        **{f"generated/copy-{i}.txt": f"prompt {i}".encode() for i in copied}}
+        for root in (s3_root, local_root):
+            put(root, storage, first_inputs)
+            cfg = tmp_path / f"{'s3' if root == s3_root else 'local'}.yaml"
+            cfg.write_text(yaml.safe_dump(chain_config(root, storage)))
+
+        log = ray_job_submit(ray_head, tmp_path, "python", "jobs/pipeline.py", "--config", str(tmp_path / "s3.yaml"),
+                             timeout=300)
+        # `ray job logs` (what submit printed) holds plain progress lines, one per finished task
+        assert "ingest: 3/3 shards (100%)" in log and "embed: 3/3 shards (100%)" in log and "(done)" in log, log[-4000:]
+        assert "ingested 40/48 images into 3 shard(s)" in log, log[-4000:]
+        ray_job_submit(ray_head, tmp_path, "python", "jobs/pipeline.py", "--config", str(tmp_path / "local.yaml"),
+                       "--quiet", timeout=300)
+
+        s3_runs = ResultsFolder(f"{s3_root}/results", storage).run_ids()
+        local_runs = ResultsFolder(f"{local_root}/results", storage).run_ids()
+        assert len(s3_runs) == len(local_runs) == 1
+        # the same tars (keys, stored bytes, captions, URLs), vectors and matches on S3 as on local disk
+        assert tar_contents(s3_root, storage) == tar_contents(local_root, storage)
+        assert len(tar_contents(s3_root, storage)) == 40
+        assert embeddings_by_key(s3_root, storage) == embeddings_by_key(local_root, storage)
+        matches, best, record = run_tables(s3_root, storage, s3_runs[0])
+        local_matches, local_best, _ = run_tables(local_root, storage, local_runs[0])
+        assert matches == local_matches and best == local_best
+        top1 = {q: url for q, rank, url, _ in matches if rank == 1}
+        assert all(top1[f"copy-{i}"] == server.url("img", i) for i in copied)
+        assert record.status == "succeeded" and record.exit_code == 0
+        assert record.stages["ingest"]["failed"] == {"timeout": 1, "http_404": 1, "http_500": 1, "decode_error": 2,
+                                                     "incomplete_body": 1, "redirect_loop": 1, "opted_out": 1}
+        assert record.software["replica"] and record.software["img2dataset"] and record.config["ingest"]["output"]
+
+        # the scheduled rerun: a new URL list and a new generated image arrive
+        before = object_versions(s3_root, storage)
+        hits = dict(server.hits)
+        new_seeds = list(range(1000, 1015))
+        put(s3_root, storage, {"lists/part-00001.parquet": url_list(server, new_seeds),
+                               "generated/copy-1003.png": upscaled(server.image(1003))})
+        log = ray_job_submit(ray_head, tmp_path, "python", "jobs/pipeline.py", "--config", str(tmp_path / "s3.yaml"),
+                             timeout=300)
+        runs = ResultsFolder(f"{s3_root}/results", storage).run_ids()
+        assert len(runs) == 2 and runs[0] == s3_runs[0]
+        matches2, _, record2 = run_tables(s3_root, storage, runs[1])
+        st = record2.stages
+        assert (st["ingest"]["lists_skipped"], st["ingest"]["shards_done"], st["ingest"]["urls"]) == (1, 1, 15)
+        assert [t.rsplit("/", 1)[-1] for t in st["ingest"]["new_tars"]["names"]] == ["000003.tar"]
+        assert (st["embed"]["shards_done"], st["embed"]["shards_skipped"], st["embed"]["new_shards"]["names"]) == \
+            (1, 3, ["000003"])
+        assert (st["index"]["added"], st["index"]["ntotal"], len(st["index"]["new_index_shards"])) == (15, 55, 1)
+        assert (st["search"]["listed"], st["search"]["searched_before"], st["search"]["searched"]) == (4, 3, 1)
+        assert {q for q, *_ in matches2} == {"copy-1003"}
+        assert [url for q, rank, url, _ in matches2 if rank == 1] == [server.url("img", 1003)]
+        # nothing of the first run was fetched, rewritten or re-searched
+        assert all(server.hits[p] == n for p, n in hits.items())
+        after = object_versions(s3_root, storage)
+        rewritten = {p.rsplit("/", 1)[-1] for p, v in before.items() if after.get(p) != v}
+        # only the ledgers that list what exists were rewritten: the URL lists ingested, the index's shard
+        # registry, its parts and its manifest; no tar, vector, index shard or earlier result
+        assert rewritten == {"ingest.json", "registry.json", "_ledger.json", "manifest.json"}, rewritten
+
+    # both runs side by side, as `replica runs` lists them and as a hive-partitioned dataset reads them
+    from click.testing import CliRunner
+
+    from pipeline.cli import app
+
+    r = CliRunner().invoke(app, ["runs", "--config", str(tmp_path / "s3.yaml")])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert len(lines) == 3 and all("pipeline  succeeded" in line for line in lines[1:]), r.output
+    import pyarrow.dataset as ds
+
+    from pipeline.storage import filesystem
+
+    fs, path = filesystem(f"{s3_root}/results", storage)
+    table = ds.dataset([f"{path}/run_id={run}/{QUERIES}" for run in runs], filesystem=fs, format="parquet",
+                       partitioning=ds.partitioning(flavor="hive"), partition_base_dir=path).to_table()
+    assert collections.Counter(table.column("run_id").to_pylist()) == {runs[0]: 3, runs[1]: 1}
+
+
+def jpeg_of_scene(seed: int) -> bytes:
     from pipeline.synthetic_images import scene
 
-    urls = make_sample_tars(str(tmp_path / "tars"), tars=2, per_tar=150, seed=3)
-    generated = tmp_path / "generated"
-    generated.mkdir()
-    copied = []
-    with tarfile.open(urls[1]) as tf:  # three corpus images, upscaled: planted copies
-        for name in sorted(n for n in tf.getnames() if n.endswith(".jpg"))[:3]:
-            image = Image.open(io.BytesIO(tf.extractfile(name).read())).convert("RGB")
-            image.resize((image.width * 2, image.height * 2)).save(generated / f"copy-{name[:-4]}.png")
-            copied.append(name[:-4])
-    for j in range(2):
-        scene(20_000_000 + j, (320, 256)).save(generated / f"novel-{j}.png")
-
-    config = {
-        "embed": {"input": [str(tmp_path / "tars" / "*.tar")], "output": str(tmp_path / "embeddings")},
-        "index": {"embeddings": str(tmp_path / "embeddings"), "index": str(tmp_path / "index"), "nprobe": 16,
-                  # small and quick to train; the chosen default (OPQ + 64-byte PQ) trains for minutes here
-                  "factory": "IVF16,PQ8"},
-        "search": {"queries": str(generated), "index": str(tmp_path / "index"), "output": str(tmp_path / "results"),
-                   "run_id": "scheduled", "regions": False, "verify_top": 0, "baseline_size": 100},
-    }
-    config_file = tmp_path / "pipeline.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-
-    log = ray_job_submit(ray_head, tmp_path, "python", "jobs/pipeline.py", "--config", str(config_file), "--quiet",
-                         timeout=300)
-    run = tmp_path / "results" / "run_id=scheduled"
-    assert f"results: {run}" in log
-    queries = pq.read_table(run / "queries.parquet").to_pylist()
-    assert sorted(q["query_key"] for q in queries) == sorted([f"copy-{k}" for k in copied] + ["novel-0", "novel-1"])
-    top1 = {m["query_key"]: m["match_key"] for m in pq.read_table(run / "matches.parquet").to_pylist() if m["rank"] == 1}
-    assert all(top1[f"copy-{k}"] == k for k in copied)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["run_id"] == "scheduled" and summary["queries"]["count"] == 5
-    assert (run / "report.html").stat().st_size > 0
+    buf = io.BytesIO()
+    scene(seed, (320, 256)).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()

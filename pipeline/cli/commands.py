@@ -56,6 +56,38 @@ class SectionCommand:
         return build(self.cls, merge(merge(data, flags), forced or {}), self.section)
 
 
+# --------------------------------------------------------------------------- ingest
+
+INGEST = SectionCommand("ingest")
+
+
+def _ingest(config: str | None, quiet: bool, **kwargs: Any) -> None:
+    from pipeline.ingest import run_ingest
+
+    cfg = INGEST.config(kwargs, config)
+    s = run_ingest(cfg, progress_for(quiet))
+    print_ingest_summary(s)
+    s.raise_for_failures(cfg.max_failed_fraction)
+
+
+def print_ingest_summary(s) -> None:
+    failed = ", ".join(f"{k}={v}" for k, v in sorted(s.failed.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+    click.echo(
+        f"ingested {s.downloaded:,}/{s.urls:,} images into {s.shards_done} shard(s) ({s.shards_skipped} already "
+        f"complete, {s.lists_skipped}/{s.lists} URL lists done before) in {s.seconds:.1f}s: {s.urls_per_s:,.1f} URLs/s, "
+        f"{s.images_per_s:,.1f} img/s, {s.bytes / 1e6:,.1f} MB written ({s.bytes_per_s / 1e6:,.2f} MB/s); "
+        f"failed: {failed}")
+    for shard, err in sorted(s.shards_failed.items()):
+        click.echo(f"shard {shard} failed (incomplete): {err}", err=True)
+
+
+command(app, "ingest", INGEST.params(quiet_option()), _ingest,
+        "Download LAION-style URL lists into WebDataset tars with img2dataset, in the layout `replica embed` reads. "
+        "Resumable and incremental: complete shards and lists are skipped, new lists get new shards. Dead links, "
+        "error statuses, timeouts and non-images are counted by reason, never fatal.",
+        renamed=RENAMED_COMMON)
+
+
 # --------------------------------------------------------------------------- embed
 
 EMBED = SectionCommand("embed")
@@ -189,35 +221,109 @@ command(app, "demo", _demo_params(), _demo,
 
 # --------------------------------------------------------------------------- pipeline
 
+PIPELINE = SectionCommand("pipeline")
 
-def _pipeline(config: str, ray_address: str | None, quiet: bool) -> None:
+
+def _pipeline(config: str, quiet: bool, **kwargs: Any) -> None:
+    from pipeline.chain import Chain, plan_chain, run_chain
     from pipeline.config import load_file
-    from pipeline.embed import run_embed
-    from pipeline.index.build import run_build
-    from pipeline.search import run_search
+    from pipeline.errors import ConfigError
+    from pipeline.layout.runs import PIPELINE_RECORD
 
-    sections = set(load_file(config))
-    forced = {"ray": {"address": ray_address}} if ray_address else {}
-    progress = progress_for(quiet)
-    if "embed" in sections:
-        embed_cfg = EMBED.config({}, config, forced)
-        s = run_embed(embed_cfg, progress)
-        print_embed_summary(s)
-        s.raise_for_failures(embed_cfg.max_failed_fraction, embed_cfg.max_failed_shards)
-    run_build(INDEX_BUILD.config({}, config, forced), progress)
-    result = run_search(SEARCH.config({}, config, forced), progress)
-    print_summary(result.summary)
-    click.echo(f"results: {result.run_url}")
+    present = set(load_file(config))
+    missing = [name for name in ("index", "search") if name not in present]
+    if missing:
+        raise ConfigError(f"{config} has no {' or '.join(missing)} section: replica pipeline needs index and search "
+                          "(and optionally ingest, embed, import, pipeline)")
+    built = {name: spec.config({}, config) for name, spec in
+             (("ingest", INGEST), ("embed", EMBED), ("import", IMPORT)) if name in present}
+    chain = Chain(pipeline=PIPELINE.config(kwargs, config), index=INDEX_BUILD.config({}, config),
+                  search=SEARCH.config({}, config), ingest=built.get("ingest"), imports=built.get("import"),
+                  embed=built.get("embed"))
+    plan = plan_chain(chain)
+
+    def show(stage: str, result: Any) -> None:
+        if result is None:
+            return
+        if stage == "ingest":
+            print_ingest_summary(result)
+        elif stage == "embed":
+            print_embed_summary(result)
+        elif stage == "import":
+            print_import_summary(result)
+        elif stage == "index":
+            m = result.manifest
+            click.echo(f"index: {m.ntotal:,} vectors in {len(m.shards)} index shard(s) ({m.factory})")
+        elif stage == "search":
+            print_summary(result.summary)
+
+    record = run_chain(plan, progress_for(quiet), show)
+    click.echo(f"run {record.run_id} {record.status} in {record.seconds:.1f}s; record: "
+               f"{plan.run.file_url(PIPELINE_RECORD)}")
+    click.echo(f"results: {plan.run.url}")
 
 
 command(app, "pipeline", [
     click.Option(["--config", "-c", "config"], required=True, metavar="FILE",
-                 help="YAML/TOML with the sections embed (optional), index and search."),
-    click.Option(["--ray-address", "ray_address"], default=None,
-                 help="Ray address for every stage (else each section's ray.address, RAY_ADDRESS, or a local Ray)."),
-    quiet_option()], _pipeline,
-    "The whole chain for scheduled runs: embed, build or extend the index, search, report.",
+                 help="YAML/TOML with the sections index and search, and optionally ingest, embed, import and "
+                      "pipeline (docs/CONFIG.md)."),
+    *PIPELINE.params(quiet_option(), config=False)], _pipeline,
+    "The whole chain for scheduled runs: ingest, embed, import, extend the index, search the new query images, "
+    "report; each run records itself in its own folder of search.output (list them with `replica runs`).",
     renamed=RENAMED_COMMON)
+
+
+def _runs(config: str | None, results: str | None, as_json: bool, **kwargs: Any) -> None:
+    from pipeline.chain import list_runs
+    from pipeline.errors import ConfigError
+    from pipeline.layout.runs import ResultsFolder
+    from pipeline.storage import Storage
+
+    s3 = overrides_from(kwargs, flags_of(Storage, _prefix=("s3",))).get("s3", {})
+    search = SEARCH.config({}, config) if config else None
+    url = results or (search.output if search else "")
+    if not url:
+        raise ConfigError("no results folder: pass --results (search.output) or --config with a search section")
+    storage = Storage(**{**(search.s3.to_dict() if search else {}), **s3})
+    rows = list_runs(ResultsFolder(url, storage))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        click.echo(f"no runs under {url}")
+        return
+    cols = [("run_id", "run"), ("kind", "kind"), ("status", "status"), ("started_at", "started"),
+            ("seconds", "seconds"), ("version", "version"), ("image", "image"), ("new_tars", "new tars"),
+            ("added_vectors", "added vectors"), ("index_vectors", "indexed"), ("queries", "queries"),
+            ("replication_rate", "replication")]
+
+    def cell(row: dict[str, Any], key: str) -> str:
+        v = row.get(key)
+        if v is None:
+            return "-"
+        if key == "replication_rate":
+            return f"{100 * v:.2f}%"
+        if key == "seconds":
+            return f"{v:.0f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    table = [[title for _, title in cols]] + [[cell(r, k) for k, _ in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    for line in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+    for r in rows:
+        if r.get("error"):
+            click.echo(f"{r['run_id']}: {r['error']}", err=True)
+
+
+command(app, "runs", [
+    CONFIG_OPTION,
+    click.Option(["--results", "results"], default=None,
+                 help="Results folder (search.output; else taken from --config's search section)."),
+    click.Option(["--json", "as_json"], is_flag=True, default=False, help="One JSON object per run instead of a table."),
+    *_storage_params()], _runs,
+    "List the runs of a results folder (by run id; default ids are UTC start times): status, version, image, what each added and searched, and "
+    "the replication rate (read from each run's own folder).")
 
 
 # --------------------------------------------------------------------------- index
@@ -321,17 +427,17 @@ IMPORT = SectionCommand("import")
 
 
 def _import(config: str | None, quiet: bool, **kwargs: Any) -> None:
-    from pipeline.import_embeddings import run_import
-
-    from pipeline.errors import TooManyFailures
+    from pipeline.import_embeddings import raise_for_failures, run_import
 
     cfg = IMPORT.config(kwargs, config)
     s = run_import(cfg, progress_for(quiet))
+    print_import_summary(s)
+    raise_for_failures(s, cfg.max_failed_fraction)
+
+
+def print_import_summary(s: dict[str, Any]) -> None:
     click.echo(f"imported {s['rows_written']:,} rows into {s['written']} shard(s) ({s['shards'] - s['written']} "
                f"already complete) in {s['seconds']} s; {s['rows_failed']} unusable (non-finite) vectors")
-    if s["rows_written"] and s["rows_failed"] / s["rows_written"] > cfg.max_failed_fraction:
-        raise TooManyFailures(f"{s['rows_failed']} of {s['rows_written']} released vectors are unusable, over "
-                              f"--max-failed-fraction {cfg.max_failed_fraction}")
 
 
 command(app, "import-embeddings", IMPORT.params(quiet_option()), _import,
@@ -343,12 +449,14 @@ command(app, "import-embeddings", IMPORT.params(quiet_option()), _import,
 
 #: Which commands read which section (their flags are listed under it in docs/CONFIG.md).
 SECTION_COMMANDS = {
+    "ingest": [("replica ingest", INGEST)],
     "embed": [("replica embed", EMBED)],
     "index": [("replica index train", INDEX_TRAIN), ("replica index add", INDEX_ADD),
               ("replica index merge", INDEX_MERGE), ("replica index build", INDEX_BUILD)],
     "import": [("replica import-embeddings", IMPORT)],
     "search": [("replica search", SEARCH)],
     "report": [("replica report", REPORT)],
+    "pipeline": [("replica pipeline", PIPELINE)],
 }
 
 
@@ -358,9 +466,10 @@ def reference_markdown() -> str:
 
     out = [
         "# Configuration reference", "",
-        "A config file (YAML or TOML) has one section per command: `embed`, `index`, `import`, `search`, `report`.",
-        "Every command takes `--config FILE` and reads its own section; `replica pipeline` reads `embed` (optional),",
-        "`index` and `search` from the same file. Flags win over the file.", "",
+        "A config file (YAML or TOML) has one section per command: `ingest`, `embed`, `index`, `import`, `search`,",
+        "`report`, `pipeline`. Every command takes `--config FILE` and reads its own section; `replica pipeline`",
+        "runs the sections the file has, in the order ingest, embed, import, index, search (index and search",
+        "required), with its own settings in `pipeline`. Flags win over the file.", "",
         "Flags follow one rule: field `f` of a section is `--f`; field `f` of a nested section `s` is `--s-f`,",
         "and `s.name` is `--s` (`embedder.model` is `--embedder-model`, `s3.endpoint_url` is `--s3-endpoint-url`,",
         "`ray.address` is `--ray-address`). Last release's names (`--address`, `--model`, `--endpoint-url`,",
@@ -387,7 +496,7 @@ def _config(section: str | None, markdown: bool) -> None:
         return
     if section is not None and section not in SECTIONS:
         raise ConfigError(f"unknown section {section!r}; choose one of: {', '.join(SECTIONS)}")
-    for name in [section] if section else ["embed", "index", "search"]:
+    for name in [section] if section else ["ingest", "embed", "index", "search", "pipeline"]:
         click.echo("\n".join(section_template(name)))
 
 
@@ -395,5 +504,5 @@ command(app, "config", [
     click.Argument(["section"], required=False),
     click.Option(["--markdown", "markdown"], is_flag=True, default=False,
                  help="The whole reference as Markdown (docs/CONFIG.md).")], _config,
-    "Print a commented config template (SECTION: embed, index, import, search, report; default: the sections "
-    "`replica pipeline` reads).")
+    "Print a commented config template (SECTION: ingest, embed, index, import, search, report, pipeline; default: "
+    "the sections of a `replica pipeline` run from URL lists).")

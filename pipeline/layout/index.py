@@ -17,12 +17,13 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from pipeline.errors import ConfigError, MismatchError
+from pipeline.layout import known_fields
 from pipeline.layout.embeddings import check_same_identity
 from pipeline.storage import Folder
 
@@ -56,11 +57,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
-
-
 @dataclass
 class TrainedInfo:
     """``trained.json``: the factory and its sizes, and the checksum of ``trained.index``."""
@@ -88,7 +84,7 @@ class TrainedInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TrainedInfo":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 @dataclass
@@ -114,7 +110,7 @@ class IndexShard:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "IndexShard":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 @dataclass
@@ -154,7 +150,7 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Manifest":
-        kw = _known(cls, d)
+        kw = known_fields(cls, d)
         kw["shards"] = [IndexShard.from_json(s) for s in d.get("shards", [])]
         return cls(**kw)
 
@@ -215,7 +211,7 @@ class PartRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "PartRecord":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The lock of an output folder: one run at a time writes an embeddings folder, an index or a run.
 
-``{folder}/_lock.json`` is created with an atomic create (``O_EXCL`` locally; a conditional PUT,
+``{folder}/_lock.json`` (or another name a layout module gives) is created with an atomic create (``O_EXCL`` locally; a conditional PUT,
 ``If-None-Match: *``, on S3), so of two runs started together exactly one gets it. It holds the
 owner, host, pid, command and a heartbeat the holder rewrites every ``heartbeat_s`` (a
 conditional PUT on the object's ETag on S3, so a broken lock is noticed). Another run refuses
@@ -60,8 +60,8 @@ class OutputLock:
     """``with OutputLock(folder, "embed"):`` holds the folder's lock for the block."""
 
     def __init__(self, folder: Folder, command: str, *, break_lock: bool = False, stale_after_s: float = 600,
-                 heartbeat_s: float = 30):
-        self.folder, self.command = folder, command
+                 heartbeat_s: float = 30, name: str = LOCK_FILE):
+        self.folder, self.command, self.name = folder, command, name
         self.break_lock, self.stale_after_s, self.heartbeat_s = break_lock, stale_after_s, heartbeat_s
         now = time.time()
         self.info = LockInfo(owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(), command=command,
@@ -76,7 +76,7 @@ class OutputLock:
     def _create(self) -> bool:
         data = json.dumps(self.info.to_json()).encode()
         if self.folder.local:
-            path = local_path(self.folder.child(LOCK_FILE))
+            path = local_path(self.folder.child(self.name))
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -86,15 +86,15 @@ class OutputLock:
                 f.write(data)
             return True
         try:
-            self.folder.fs.pipe_file(self.folder.fs_path(LOCK_FILE), data, mode="create")
+            self.folder.fs.pipe_file(self.folder.fs_path(self.name), data, mode="create")
         except FileExistsError:
             return False
-        self._etag = self.folder.fs.info(self.folder.fs_path(LOCK_FILE)).get("ETag")
+        self._etag = self.folder.fs.info(self.folder.fs_path(self.name)).get("ETag")
         return True
 
     def holder(self) -> LockInfo | None:
         try:
-            return LockInfo.from_json(self.folder.read_json(LOCK_FILE))
+            return LockInfo.from_json(self.folder.read_json(self.name))
         except FileNotFoundError:
             return None
 
@@ -109,7 +109,7 @@ class OutputLock:
                 continue
             age = time.time() - held.heartbeat_at
             if (self.break_lock and age > self.stale_after_s) or _dead_here(held):
-                self.folder.remove(LOCK_FILE)
+                self.folder.remove(self.name)
                 continue
             hint = ("it looks dead (no heartbeat for longer than the stale limit): rerun with --break-lock"
                     if age > self.stale_after_s else
@@ -128,9 +128,9 @@ class OutputLock:
         self.info.heartbeat_at = time.time()
         data = json.dumps(self.info.to_json()).encode()
         if is_local(self.folder.url):
-            self.folder.write_bytes(LOCK_FILE, data)
+            self.folder.write_bytes(self.name, data)
             return
-        path = self.folder.fs_path(LOCK_FILE)
+        path = self.folder.fs_path(self.name)
         try:  # only if nobody replaced it since our last write
             self.folder.fs.pipe_file(path, data, **({"IfMatch": self._etag} if self._etag else {}))
         except OSError:
@@ -151,7 +151,7 @@ class OutputLock:
             self._thread.join(timeout=10)
         held = self.holder()
         if held is not None and held.owner == self.info.owner:
-            self.folder.remove(LOCK_FILE)
+            self.folder.remove(self.name)
         if self.folder.local:  # a run refused before writing anything leaves no empty folder behind
             try:
                 os.rmdir(local_path(self.folder.url))

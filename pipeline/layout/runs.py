@@ -8,20 +8,28 @@
 {results}/run_id={run_id}/histogram.png     written by report
 {results}/run_id={run_id}/report.html       written by report: the self-contained gallery
 {results}/run_id={run_id}/summary.json      RunSummary, written last by report
+{results}/run_id={run_id}/pipeline.json     PipelineRecord: a `replica pipeline` run (inputs, software,
+                                            image, status, what each stage did), written at its start and end
+{results}/run_id={run_id}/query_inputs.parquet  the query images that pipeline run gave search (key, path, prompt)
+{results}/run_id={run_id}/_pipeline_lock.json   held by that pipeline run for its whole length
 ```
+
+Everything a run writes stays in its own folder: runs started side by side never rewrite a
+shared file, and ``replica runs`` lists them by reading each folder.
 
 Column meanings are in docs/RESULTS.md; every Parquet file carries ``run_id`` as a column too,
 so one file read on its own says which run it belongs to.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError, MismatchError
+from pipeline.layout import known_fields
 from pipeline.storage import Folder, basename
 
 RUN_PREFIX = "run_id="
@@ -32,6 +40,14 @@ BASELINE = "baseline.parquet"
 SUMMARY = "summary.json"
 HISTOGRAM = "histogram.png"
 GALLERY = "report.html"
+PIPELINE_RECORD = "pipeline.json"
+QUERY_INPUTS = "query_inputs.parquet"
+PIPELINE_LOCK = "_pipeline_lock.json"
+
+# PipelineRecord.status values
+RUN_RUNNING = "running"
+RUN_SUCCEEDED = "succeeded"
+RUN_FAILED = "failed"
 
 #: A box ``[x0, y0, x1, y1]`` in pixels of the image it refers to (x1/y1 exclusive).
 BOX = pa.list_(pa.int32(), 4)
@@ -117,12 +133,20 @@ def baseline_schema() -> pa.Schema:
     )
 
 
-TABLE_SCHEMAS = {QUERIES: queries_schema, MATCHES: matches_schema, BASELINE: baseline_schema}
+def query_inputs_schema() -> pa.Schema:
+    """``query_inputs.parquet``: the query images a pipeline run searched (what ``replica search`` reads)."""
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            # URL of the image file (what queries.parquet's `source` then holds)
+            pa.field("path", pa.string(), nullable=False),
+            pa.field("prompt", pa.string()),
+        ]
+    )
 
 
-def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
+TABLE_SCHEMAS = {QUERIES: queries_schema, MATCHES: matches_schema, BASELINE: baseline_schema,
+                 QUERY_INPUTS: query_inputs_schema}
 
 
 @dataclass
@@ -156,7 +180,40 @@ class RunRecord:
     def from_json(cls, d: dict[str, Any]) -> "RunRecord":
         if not isinstance(d, dict):
             raise MismatchError("run.json must hold a JSON object")
-        return cls(**_known(cls, {**d, "run_id": str(d.get("run_id") or "")}))
+        return cls(**known_fields(cls, {**d, "run_id": str(d.get("run_id") or "")}))
+
+
+@dataclass
+class PipelineRecord:
+    """``pipeline.json``: one `replica pipeline` run: what it was given, what ran it, how it ended."""
+
+    run_id: str
+    #: "running", "succeeded" or "failed" (a run killed outright stays "running"; its lock goes stale)
+    status: str
+    started_at: str
+    finished_at: str | None = None
+    seconds: float | None = None
+    #: the exit code and one-line error of a failed run
+    exit_code: int | None = None
+    error: str | None = None
+    #: versions of replica and the libraries that shape its output
+    software: dict[str, Any] = field(default_factory=dict)
+    #: the container image the run ran in ($REPLICA_IMAGE, set by infra/Dockerfile*), when known
+    image: str | None = None
+    host: str | None = None
+    #: every config section as the run used it (its inputs and settings)
+    config: dict[str, Any] = field(default_factory=dict)
+    #: what each stage did in this run ("ingest", "embed", "import", "index", "search")
+    stages: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "PipelineRecord":
+        if not isinstance(d, dict):
+            raise MismatchError(f"{PIPELINE_RECORD} must hold a JSON object")
+        return cls(**known_fields(cls, {"status": "", "started_at": "", **d, "run_id": str(d.get("run_id") or "")}))
 
 
 @dataclass
@@ -188,7 +245,7 @@ class RunSummary:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "RunSummary":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 @dataclass
@@ -234,6 +291,15 @@ class RunFolder(Folder):
     def write_record(self, record: RunRecord) -> None:
         self.write_json(RUN_JSON, record.to_json())
 
+    def write_pipeline_record(self, record: PipelineRecord) -> None:
+        self.write_json(PIPELINE_RECORD, record.to_json())
+
+    def pipeline_lock(self, **kwargs: Any):
+        """The lock a pipeline run holds on its run folder (search takes the folder's own lock inside it)."""
+        from pipeline.layout.lock import OutputLock
+
+        return OutputLock(self, "replica pipeline", name=PIPELINE_LOCK, **kwargs)
+
     def write_report(self, histogram_png: bytes, gallery_html: str, summary: RunSummary) -> None:
         """Histogram and gallery, then the summary last: its presence says the report is complete."""
         summary.outputs = {name: self.child(name) for name in (HISTOGRAM, GALLERY, SUMMARY)}
@@ -246,6 +312,28 @@ class RunFolder(Folder):
         if not self.exists(RUN_JSON):
             raise ConfigError(f"{self.child(RUN_JSON)} does not exist: give the run directory ({{results}}/run_id={{run_id}})")
         return RunRecord.from_json(self.read_json(RUN_JSON))
+
+    def read_pipeline_record(self) -> PipelineRecord | None:
+        return PipelineRecord.from_json(self.read_json(PIPELINE_RECORD)) if self.exists(PIPELINE_RECORD) else None
+
+    def read_record_if_any(self) -> RunRecord | None:
+        return RunRecord.from_json(self.read_json(RUN_JSON)) if self.exists(RUN_JSON) else None
+
+    def read_summary_if_any(self) -> RunSummary | None:
+        return RunSummary.from_json(self.read_json(SUMMARY)) if self.exists(SUMMARY) else None
+
+    def query_sources(self) -> list[str]:
+        """The query images this run's search went through: queries.parquet's `source` (that column only),
+        and, once the search finished (run.json), every file a pipeline run handed it in query_inputs.parquet
+        (unreadable ones included: search skipped and counted them)."""
+        out: list[str] = []
+        if self.exists(QUERIES):
+            with self.open(QUERIES) as f:
+                out += [s for s in pq.read_table(f, columns=["source"]).column("source").to_pylist() if s]
+        if self.exists(RUN_JSON) and self.exists(QUERY_INPUTS):
+            with self.open(QUERY_INPUTS) as f:
+                out += pq.read_table(f, columns=["path"]).column("path").to_pylist()
+        return out
 
     def read_summary(self) -> RunSummary:
         if not self.exists(SUMMARY):
