@@ -266,7 +266,7 @@ class Tuning:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Tuning":
-        return cls(**_known(cls, d))
+        return cls(**known_fields(cls, d))
 
 
 class IndexFolder(Folder):
