@@ -215,8 +215,15 @@ class IndexConfig:
     shard_memory_gb: float = 8.0
     #: parts merged at once (>= 2); more parts are merged in stages
     merge_fanin: int = 64
-    #: default lists probed at search time
-    nprobe: int = 64
+    #: after a build, measure recall against cost on sampled corpus vectors and record the cheapest
+    #: (nprobe, rerank depth) reaching target_recall in the manifest; search uses them by default
+    tune: bool = True
+    #: corpus vectors drawn as tuning queries (their exact top-10 is a scan of every stored vector)
+    tune_queries: int = 1000
+    #: recall@10 after the exact rerank that the tuned settings must reach
+    target_recall: float = 0.95
+    #: a build retunes when the index grew by more than this fraction since the last tuning
+    retune_growth: float = 0.10
     #: search actors; 0 = one per index shard, at most the cluster's CPUs
     num_actors: int = 0
     #: faiss threads per search actor / driver step; 0 = all cores
@@ -360,6 +367,11 @@ COMMANDS = {"ingest": "replica ingest", "embed": "replica embed", "index": "repl
 # --------------------------------------------------------------------------- names of the last release
 
 #: Config keys renamed in this release; the old names are accepted, with a warning, until the next.
+#: keys no longer read, with what replaced them
+REMOVED_KEYS = {
+    "index": {"nprobe": "search uses the nprobe the index's tuning measured (`replica index tune`), or search.nprobe"},
+}
+
 RENAMED_KEYS = {
     "*": {"storage": "s3", "ray_address": "ray.address"},
     "embed": {"ray.num_actors": "num_actors", "ray.gpus_per_actor": "gpus_per_actor",
@@ -371,6 +383,9 @@ def upgrade_names(section: str, data: dict[str, Any]) -> tuple[dict[str, Any], l
     """Rename last release's keys of one section to today's; returns the data and a warning per rename."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     notes: list[str] = []
+    for old, why in REMOVED_KEYS.get(section, {}).items():
+        if data.pop(old, None) is not None:
+            notes.append(f"config key {section}.{old} is no longer read and was ignored: {why}")
     renames = {**RENAMED_KEYS["*"], **RENAMED_KEYS.get(section, {})}
     for old, new in renames.items():
         head, _, tail = old.partition(".")

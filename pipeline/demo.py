@@ -181,7 +181,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     progress.log(f"embedded {s.embedded}/{s.images} corpus images ({s.images_per_s:.0f} img/s)")
     # A corpus this small trains OPQ slowly for no gain: plain IVF-PQ, exact rerank restores scores.
     nlist = default_nlist(s.embedded)
-    run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"), nprobe=nlist,
+    run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"),
                           factory=f"IVF{nlist},PQ32x8"), progress)
 
     search = SearchConfig(queries=join(work, "generated"), index=join(work, "index"), output=join(work, "results"),

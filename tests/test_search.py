@@ -128,7 +128,7 @@ def s3_corpus(ray_local, s3_server, tmp_path_factory):
     make_sample_tars(f"{root}/tars", tars=2, per_tar=40, seed=7, storage=storage)
     run_embed(EmbedConfig(input=[f"{root}/tars/*.tar"], output=f"{root}/emb", s3=storage))
     run_build(IndexConfig(embeddings=f"{root}/emb", index=str(local / "index"), s3=storage, factory="IVF8,Flat",
-                          nprobe=8))
+                          tune=False))  # search's default nprobe (64) then probes all 8 lists
     folder, emb = EmbeddingsFolder(f"{root}/emb", storage), []
     for shard in folder.complete_shards():
         with folder.open(folder.parquet_name(shard)) as f:
