@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from pipeline.embedders.base import to_rgb
 from pipeline.errors import ConfigError
 from pipeline.storage import Storage, expand_inputs, filesystem, read_bytes, unstrip
 
@@ -28,7 +29,8 @@ class Query:
 def _open(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image.convert("RGB")
+    rgb = to_rgb(image)
+    return rgb.copy() if rgb is image else rgb
 
 
 def load_queries(spec: str, storage: Storage | None = None) -> list[Query]:

@@ -286,3 +286,24 @@ def test_mixing_embedders_in_one_output_is_refused(tmp_path, ray_local):
     other = EmbedderConfig(name="open_clip", model="replica-tiny-vit", checkpoint=str(ckpt), model_config=str(cfg_path))
     with pytest.raises(MismatchError, match="other parameters"):
         run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", embedder=other))
+
+
+def test_torch_preprocessing_decodes_jpegs_at_the_size_the_model_needs():
+    """A large JPEG decodes at a reduced DCT scale (no smaller than the model's input), and the
+    identity says so: vectors made before this preprocessing are not mixed with these."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.embedders.base import square_crop_uint8
+    from pipeline.synthetic_images import scene
+
+    buf = io.BytesIO()
+    scene(5, (1600, 1200)).save(buf, format="JPEG", quality=90)
+    lazy = Image.open(io.BytesIO(buf.getvalue()))
+    out = square_crop_uint8(lazy, 224)
+    assert out.shape == (224, 224, 3)
+    assert lazy.size == (400, 300)  # 1/4 scale: the smallest whose short side is still >= 224
+    full = Image.open(io.BytesIO(buf.getvalue()))
+    full.load()
+    assert np.abs(square_crop_uint8(full, 224).astype(float) - out).mean() < 6  # same picture
