@@ -23,7 +23,7 @@ def demo(tmp_path_factory, ray_local):
     """`replica demo` on a small corpus, through the CLI users run."""
     work = tmp_path_factory.mktemp("demo")
     result = CliRunner().invoke(app, ["demo", "--workdir", str(work), "--corpus-size", "400", "--copies-per-edit", "2",
-                                      "--pasted", "4", "--novel", "8", "--baseline-size", "60", "--quiet"])
+                                      "--pasted", "4", "--novel", "8", "--baseline-size", "20", "--quiet"])
     assert result.exit_code == 0, result.output
     run = work / "results" / "run_id=demo"
     return {"work": work, "run": run, "output": result.output,
@@ -184,7 +184,7 @@ def test_blocklisted_images_are_never_fetched_or_shown(s3_corpus):
 
     proxy.clear()
     cfg = SearchConfig(queries=str(local / "generated"), index=str(local / "index"), output=str(local / "results"),
-                       run_id="blocked", blocklist=[str(blocklist)], baseline_size=40, verify_top=5,
+                       run_id="blocked", blocklist=[str(blocklist)], baseline_size=10, verify_top=5,
                        s3=s3_corpus["storage"])
     run = Path(run_search(cfg).run_url)
     fetched = {(r.path.rsplit("/", 1)[-1], r.range) for r in proxy.requests
