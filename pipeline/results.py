@@ -89,6 +89,7 @@ def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, cou
                nprobe: int, seconds: float, score_model: dict[str, Any] | None = None) -> RunRecord:
     """``run.json``: settings, thresholds, index and coverage of one run."""
     from pipeline.layout.embeddings import EmbeddingsFolder
+    from pipeline.verify import DEFAULT_METHOD
 
     cfg, manifest = plan.cfg, plan.manifest
     folder = EmbeddingsFolder(manifest.embeddings, plan.index.storage)
@@ -110,7 +111,7 @@ def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, cou
         embedder=identity,
         settings=settings,
         rerank={"embedder": cfg.rerank.name or None, "top": cfg.rerank_top if cfg.rerank.name else 0},
-        verify={"top": cfg.verify_top},
+        verify={"top": cfg.verify_top, "method": DEFAULT_METHOD},
         thresholds={"replication": cfg.replication_threshold, "duplicate": cfg.duplicate_threshold,
                     "calibrated": calibrated},
         score_model=score_model,

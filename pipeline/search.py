@@ -91,7 +91,12 @@ def corpus_embedder_config(manifest: Manifest, index: IndexFolder) -> EmbedderCo
     info = EmbeddingsFolder(manifest.embeddings, index.storage).read_info()
     if info.embedder_config is None:
         raise ConfigError("the index's embeddings do not record their embedder settings: pass --embedder explicitly")
-    return build(EmbedderConfig, info.embedder_config)
+    cfg = build(EmbedderConfig, info.embedder_config)
+    if cfg.name == "default" and not cfg.checkpoint:  # embedded with a whitening shipped before this one
+        from pipeline.embedders.default import shipped_whitening_for
+
+        cfg.checkpoint = shipped_whitening_for(info.identity)
+    return cfg
 
 
 def plan_search(cfg: SearchConfig) -> SearchPlan:
@@ -253,6 +258,8 @@ def match_images(images, cfg: SearchConfig, embedder, searcher, source, registry
         picks.append(kept)
     if rerank is not None:
         second_stage(images, picks, cfg, counters, rerank)
+        # The matches are what the second descriptor looked at: one similarity scale for all.
+        picks = [p[: cfg.rerank_top] for p in picks]
     if cfg.verify_top:
         verify_stage(images, picks, cfg, counters)
     return [rank(p, model, im.size, boxes) for p, im in zip(picks, images)], boxes

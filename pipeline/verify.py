@@ -3,7 +3,7 @@
 Global descriptors rank candidates; this module checks a short list of them geometrically:
 
 1. both images are scaled to at most ``max_side`` pixels (bounded cost), equalised (CLAHE, so
-   low-contrast photos get keypoints), and keypoints are extracted: ORB by default, or SIFT,
+   low-contrast photos get keypoints), and keypoints are extracted: SIFT by default, or ORB,
    RootSIFT (SIFT with Hellinger-normalised descriptors, Arandjelovic & Zisserman 2012), AKAZE or
    BRISK (``METHODS``; docs/BENCHMARKS.md compares them). A query gets more keypoints than a candidate (a copied object may be a small
    part of it) and is computed once per query;
@@ -52,7 +52,7 @@ class Features:
     """Keypoints (in the image's own pixels), descriptors and the working grey image."""
 
     points: np.ndarray  # (n, 2) float32, original pixel coordinates
-    descriptors: np.ndarray | None  # (n, d) uint8 (ORB/AKAZE) or float32 (SIFT)
+    descriptors: np.ndarray | None  # (n, d) uint8 (ORB/AKAZE/BRISK) or float32 (SIFT/RootSIFT)
     size: tuple[int, int]  # (width, height) of the original image
     scale: float = 1.0  # working resolution / original resolution
     grey: np.ndarray | None = field(default=None, repr=False)  # working-resolution grey (uint8)
@@ -361,7 +361,7 @@ _DEFAULT: Verifier | None = None
 
 
 def verify(query: Image.Image, candidate: Image.Image, verifier: Verifier | None = None) -> Verification:
-    """Verify one pair with the default settings (ORB, similarity, mirrored query tried)."""
+    """Verify one pair with the default settings (SIFT, similarity, mirrored query tried)."""
     global _DEFAULT
     if verifier is None:
         if _DEFAULT is None:

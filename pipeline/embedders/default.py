@@ -301,6 +301,15 @@ class Whitening:
         return w
 
 
+def shipped_whitening_for(identity: dict[str, Any]) -> str | None:
+    """The path of the shipped whitening a corpus identity names (its sha256), when it is not
+    the current one: corpora embedded with release 0.2's whitening search without a flag."""
+    weights = str(identity.get("weights", ""))
+    if PREVIOUS_WHITENING.is_file() and weights == "sha256:" + hashlib.sha256(PREVIOUS_WHITENING.read_bytes()).hexdigest():
+        return str(PREVIOUS_WHITENING)
+    return None
+
+
 def load_whitening(url: str | None = None, storage: Storage | None = None) -> tuple[Whitening, str]:
     """(whitening, sha256 of its file): the shipped one, or ``url`` (any fsspec URL)."""
     if url:

@@ -131,6 +131,15 @@ def baseline_schema() -> pa.Schema:
 
 TABLE_SCHEMAS = {QUERIES: queries_schema, MATCHES: matches_schema, BASELINE: baseline_schema}
 
+#: Columns added in release 0.3, and what they are in a run written before: the old ``score``
+#: columns were the descriptor similarity (no final score existed), tentative matches unknown.
+FILLED_FROM_0_2 = {
+    MATCHES: {"similarity": "score", "tentative_matches": None},
+    QUERIES: {"best_similarity": "best_score", "best_similarity_in_subset": "best_score_in_subset",
+              "best_similarity_outside_subset": "best_score_outside_subset"},
+    BASELINE: {"top1_similarity": "top1_score", "top1_similarity_no_dups": "top1_score_no_dups"},
+}
+
 
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in fields(cls)}
@@ -274,6 +283,10 @@ class RunFolder(Folder):
         # A file object, not a path: pyarrow would otherwise add run_id from the hive directory name.
         with self.open(name) as f:
             table = pq.read_table(f)
+        for column, source in FILLED_FROM_0_2.get(name, {}).items():
+            if column not in table.column_names and (source is None or source in table.column_names):
+                values = table.column(source) if source else pa.nulls(table.num_rows, schema.field(column).type)
+                table = table.append_column(column, values)
         missing = [n for n in schema.names if n not in table.column_names]
         if missing:
             raise MismatchError(f"{self.child(name)} lacks column(s) {', '.join(missing)}: "
