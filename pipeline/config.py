@@ -57,6 +57,9 @@ class EmbedderConfig:
     query_region_scales: list[float] = field(default_factory=lambda: [0.75, 0.6, 0.5, 0.4])
     #: default embedder, query side: window stride as a fraction of the window size
     query_region_step: float = 0.33
+    #: default embedder, query side: windows centred on objects (regions whose colours differ from their
+    #: surroundings) embedded besides the grid; 0 = grid only
+    query_object_regions: int = 0
 
 
 @dataclass
@@ -306,13 +309,18 @@ class SearchConfig:
     rerank_top: int = 20
     #: local-feature verification of the best N candidates per query; 0 = off
     verify_top: int = 10
+    #: final-score model (JSON from bench/copy_detection.py --fit) for the descriptor whose similarity
+    #: is scored; empty = the shipped model when it was fitted for that descriptor, else fixed weights
+    score_model: str = ""
     #: files of keys, URLs or sha256 hashes never to show or fetch (Parquet/CSV/TXT)
     blocklist: list[str] = field(default_factory=list)
     #: Parquet/CSV/TXT of keys or URLs forming "the subset" (e.g. LAION Aesthetics 6+)
     subset: str | None = None
-    #: the paper's replication threshold (meaningful for SSCD-style descriptors)
+    #: the paper's replication threshold, applied to the descriptor similarity (SSCD's cosine when SSCD
+    #: is the embedder or the rerank); the calibrated threshold applies to the final score
     replication_threshold: float = 0.5
-    #: near-duplicate threshold: matches and baseline neighbours at or above it are copies of one picture
+    #: near-duplicate threshold on the descriptor similarity: matches and baseline neighbours at or above
+    #: it are copies of one picture
     duplicate_threshold: float = 0.95
     #: false-positive rate at which a threshold is calibrated on the baseline
     fpr: float = 0.01
