@@ -330,6 +330,13 @@ class SearchConfig:
     dup_neighbours: int = 50
     #: seed of the baseline sample
     seed: int = 0
+    #: queries read, searched and written per unit of work: a killed run resumes with the batches
+    #: it had not finished, and the driver holds one batch of images at a time
+    query_batch_size: int = 256
+    #: Ray actors that embed query regions and run the second-stage descriptor: -1 = one per GPU
+    #: of the cluster (in the driver when it has none), 0 = in the driver, N = N actors (GPU ones
+    #: when the cluster has GPUs and the embedder's device is not cpu)
+    embed_actors: int = -1
     #: take over the run folder's lock when its holder's heartbeat is older than lock_stale_after_s
     break_lock: bool = False
     #: seconds without a heartbeat after which a lock is stale (its run is presumed dead)

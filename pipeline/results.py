@@ -1,8 +1,8 @@
 """A finished search as the run's tables and record (files named by pipeline/layout/runs.py).
 
 ``matches`` holds one row per query x rank, ``queries`` one row per generated image (with a
-small JPEG thumbnail, so the gallery needs nothing else to show it), ``baseline`` the corpus
-self-similarity sample; ``run.json`` records what the run was asked, used and covered.
+small JPEG thumbnail, so the gallery needs nothing else to show it); search writes them a batch
+of queries at a time. ``run.json`` records what the run was asked, used and covered.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import io
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import to_dict
-from pipeline.layout.runs import BASELINE, MATCHES, QUERIES, RunRecord
+from pipeline.layout.runs import MATCHES, QUERIES, RunRecord
 
 if TYPE_CHECKING:
     from pipeline.search import Candidate, SearchPlan
@@ -31,10 +31,10 @@ def thumbnail(image, side: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def write_results(plan: "SearchPlan", queries, picks: list[list["Candidate"]], groups, boxes, baseline,
-                  identity: dict[str, Any], subset: set[str] | None, registry) -> None:
-    """Write ``matches`` (the best ``top_k`` of each query's ranked candidates), ``queries`` (the
-    similarity maxima over all its candidates) and ``baseline`` of one run."""
+def result_rows(plan: "SearchPlan", queries, picks: list[list["Candidate"]], groups, boxes,
+                identity: dict[str, Any], subset: set[str] | None, registry) -> dict[str, list[dict[str, Any]]]:
+    """The rows of one batch of queries: ``matches`` (the best ``top_k`` of each query's ranked
+    candidates) and ``queries`` (the similarity maxima over all its candidates)."""
     from pipeline.search import rows_by_id
 
     cfg, run_id = plan.cfg, plan.run_id
@@ -42,7 +42,7 @@ def write_results(plan: "SearchPlan", queries, picks: list[list["Candidate"]], g
     id_keys = {i: r["key"] for i, r in
                rows_by_id(sorted({n for pairs in groups.values() for _, n in pairs}), registry, ["key"]).items()}
     m_rows, q_rows = [], []
-    for q, cands in zip(queries, picks):
+    for q, cands, regions in zip(queries, picks, boxes):
         for rank, c in enumerate(cands[: cfg.top_k], start=1):
             (shard, row), = registry.shard_rows([c.id])
             dup_ids = sorted({n for s, n in groups.get(c.id, []) if s >= cfg.duplicate_threshold} | {c.id})
@@ -52,7 +52,7 @@ def write_results(plan: "SearchPlan", queries, picks: list[list["Candidate"]], g
                 "url": c.row["url"], "caption": c.row["caption"], "tar_url": c.row["tar_url"],
                 "tar_offset": c.row["tar_offset"], "tar_size": c.row["tar_size"],
                 "score_index": c.score_index, "score_exact": c.score_exact, "score_rerank": c.score_rerank,
-                "similarity": c.similarity, "score": c.score, "region": c.region, "region_box": list(boxes[c.region]),
+                "similarity": c.similarity, "score": c.score, "region": c.region, "region_box": list(regions[c.region]),
                 "in_subset": in_subset(c.row, subset), "inliers": c.inliers, "tentative_matches": c.matches,
                 "verify_score": c.verify_score,
                 "query_box": list(c.query_box) if c.query_box else None,
@@ -79,9 +79,7 @@ def write_results(plan: "SearchPlan", queries, picks: list[list["Candidate"]], g
             "replicated": bool(best_similarity is not None and best_similarity >= tau),
             "copy_outside_subset_only": bool(sim_out is not None and sim_out >= tau and (sim_in is None or sim_in < tau)),
         })
-    plan.run.write_table(MATCHES, m_rows)
-    plan.run.write_table(QUERIES, q_rows)
-    plan.run.write_table(BASELINE, baseline)
+    return {MATCHES: m_rows, QUERIES: q_rows}
 
 
 def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, counters: dict[str, int],

@@ -140,6 +140,8 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
     source = "config" if cfg.nprobe and cfg.rerank_depth else ("index tuning" if tuned else "default")
     if depth < cfg.top_k:
         raise ConfigError(f"rerank_depth {depth} is smaller than top_k {cfg.top_k}")
+    if cfg.query_batch_size < 1:
+        raise ConfigError(f"query_batch_size must be >= 1, got {cfg.query_batch_size}")
     return SearchPlan(cfg, index, manifest, embedder, run_id, results.run(run_id), nprobe, depth, source)
 
 
@@ -198,19 +200,125 @@ def fetch_image(row: dict[str, Any], storage):
     return load_candidate(row["tar_url"], row["tar_offset"], row["tar_size"], storage)
 
 
-def second_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters, rerank) -> None:
+def second_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters, rerank: "EmbedPool") -> None:
     """Rescore each query's best candidates with the rerank descriptor on fetched pixels."""
-    for image, cands in zip(images, picks):
-        top = cands[: cfg.rerank_top]
-        if not top:
-            continue
-        qv, _ = rerank.embed_regions(image) if cfg.regions else (rerank.embed_images([image]), None)
-        cv = rerank.embed_images([fetch_image(c.row, cfg.s3) for c in top])
+    tops = [cands[: cfg.rerank_top] for cands in picks]
+    scores = rerank.rescore(images, [[c.row for c in top] for top in tops], cfg.regions, cfg.s3)
+    for cands, top, found in zip(picks, tops, scores):
+        for c, sc in zip(top, found):
+            c.score_rerank = float(sc)
         counters["pixels_fetched"] += len(top)
-        scores = (cv @ qv.T).max(axis=1)
-        for c, s in zip(top, scores):
-            c.score_rerank = float(s)
         cands[: len(top)] = sorted(top, key=lambda c: -c.similarity)
+
+
+def rerank_scores(embedder, images, rows: list[list[dict[str, Any]]], regions: bool, storage) -> list[list[float]]:
+    """Each query's similarity to its candidates' fetched pixels under ``embedder`` (best region)."""
+    out = []
+    for image, found in zip(images, rows):
+        if not found:
+            out.append([])
+            continue
+        qv = embedder.embed_regions(image)[0] if regions else embedder.embed_images([image])
+        cv = embedder.embed_images([fetch_image(r, storage) for r in found])
+        out.append((cv @ qv.T).max(axis=1).tolist())
+    return out
+
+
+class EmbedActor:
+    """The query embedder, and the second-stage descriptor when there is one, in a Ray actor (on a
+    GPU when the pool asks for one)."""
+
+    def __init__(self, query: EmbedderConfig, rerank: EmbedderConfig | None, storage):
+        from pipeline.embedders import build_embedder
+
+        self.query = build_embedder(query, storage)
+        self.rerank = build_embedder(rerank, storage) if rerank is not None else None
+
+    def ready(self) -> bool:
+        return True
+
+    def embed(self, images, regions: bool):
+        return embed_queries(self.query, images, regions)
+
+    def rescore(self, images, rows, regions: bool, storage):
+        return rerank_scores(self.rerank, images, rows, regions, storage)
+
+
+class EmbedPool:
+    """Query-side embedding: the query regions, and the second-stage descriptor on fetched pixels.
+
+    In the driver, or spread over Ray actors (``start``): ``actors`` < 0 means one GPU actor per GPU
+    of the cluster, or the driver when it has none; N means N actors (GPU ones when the cluster has
+    GPUs), each holding both descriptors.
+    """
+
+    #: seconds to wait for the actors to be placed (a GPU node may have to be started first)
+    PLACE_TIMEOUT_S = {"cpu": 120, "gpu": 900}
+
+    def __init__(self, query: EmbedderConfig, rerank: EmbedderConfig | None, storage):
+        from pipeline.embedders import build_embedder
+
+        self.cfgs, self.storage = (query, rerank), storage
+        # the driver's copies: their identities, or the work itself
+        self.query = build_embedder(query, storage)
+        self.rerank = build_embedder(rerank, storage) if rerank is not None else None
+        self.actors: list = []
+
+    def start(self, actors: int) -> "EmbedPool":
+        """Start the actors (Ray connected); ``actors`` 0 keeps the work in the driver."""
+        if actors == 0:
+            return self
+        import ray
+
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = gpus if actors < 0 else actors
+        use_gpu = gpus > 0 and self.cfgs[0].device != "cpu"
+        options = {"num_gpus": 1, "num_cpus": 1} if use_gpu else {"num_cpus": 1}
+        remote = ray.remote(EmbedActor).options(max_restarts=-1, max_task_retries=3, **options)
+        self.actors = [remote.remote(*self.cfgs, self.storage) for _ in range(count)]
+        timeout = self.PLACE_TIMEOUT_S["gpu" if use_gpu else "cpu"]
+        ready, _ = ray.wait([a.ready.remote() for a in self.actors], num_returns=len(self.actors), timeout=timeout)
+        if len(ready) < len(self.actors):
+            self.close()
+            raise ConfigError(f"only {len(ready)} of {count} query-embedding actors ({options}) could be placed in "
+                              f"{timeout} s: the cluster has {ray.cluster_resources().get('CPU', 0):g} CPUs and "
+                              f"{gpus} GPUs, and the index shards hold some; lower search.embed_actors")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        return self.query.identity()
+
+    def _spread(self, method: str, columns: list[list], *args) -> tuple[list, list[int]]:
+        """Contiguous slices of the rows of ``columns`` to the actors: their answers in order, and
+        the first row of each slice."""
+        import ray
+
+        n, rows = len(self.actors), len(columns[0])
+        cuts = [rows * a // n for a in range(n + 1)]
+        busy = [a for a in range(n) if cuts[a + 1] > cuts[a]]
+        refs = [getattr(self.actors[a], method).remote(*(c[cuts[a]:cuts[a + 1]] for c in columns), *args) for a in busy]
+        return ray.get(refs), [cuts[a] for a in busy]
+
+    def embed(self, images, regions: bool) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
+        if not self.actors:
+            return embed_queries(self.query, images, regions)
+        answers, firsts = self._spread("embed", [images], regions)
+        boxes = [b for _, _, found in answers for b in found]
+        return (np.concatenate([v for v, _, _ in answers]),
+                np.concatenate([o + first for (_, o, _), first in zip(answers, firsts)]), boxes)
+
+    def rescore(self, images, rows, regions: bool, storage) -> list[list[float]]:
+        if not self.actors:
+            return rerank_scores(self.rerank, images, rows, regions, storage)
+        answers, _ = self._spread("rescore", [images, rows], regions, storage)
+        return [found for answer in answers for found in answer]
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
 def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) -> list[Candidate]:
@@ -256,10 +364,11 @@ def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, sour
                  model, rerank=None, exclude: list[set[int]] | None = None) -> tuple[list[list[Candidate]], list[tuple]]:
     """Every stage of the search for a list of images (queries, or baseline samples with their
     own ids in ``exclude``): regions, candidates, blocklist, rerank, verification, final score.
-    Returns each image's candidates, best final score first, and every region's box."""
+    Returns each image's candidates, best final score first, and each image's region boxes
+    (``Candidate.region`` numbers the image's own regions)."""
     from pipeline.scoring import rank
 
-    vecs, owner, boxes = embed_queries(embedder, images, cfg.regions)
+    vecs, owner, boxes = embedder.embed(images, cfg.regions)
     per_query = candidate_search(vecs, owner, len(images), searcher, source, cfg, depth)
     by_id = rows_by_id(sorted({i for found in per_query for i in found}), registry)
     picks: list[list[Candidate]] = []
@@ -280,7 +389,13 @@ def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, sour
         picks = [p[: cfg.rerank_top] for p in picks]
     if cfg.verify_top:
         verify_stage(images, picks, cfg, counters)
-    return [rank(p, model, im.size, boxes) for p, im in zip(picks, images)], boxes
+    ranked = [rank(p, model, im.size, boxes) for p, im in zip(picks, images)]
+    # Region numbers and boxes per query from here on (a query's rows never depend on its batch).
+    first = np.searchsorted(owner, np.arange(len(images) + 1))
+    for qi, cands in enumerate(ranked):
+        for c in cands:
+            c.region -= int(first[qi])
+    return ranked, [boxes[first[qi]:first[qi + 1]] for qi in range(len(images))]
 
 
 def score_model(cfg: SearchConfig, identity: dict[str, Any]):
@@ -347,56 +462,119 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
         return _search_locked(plan, progress)
 
 
+def settings_digest(plan: SearchPlan, blocklist: set[str], subset: set[str] | None) -> str:
+    """What decides a batch's rows: a resumed run must match it (the lock, Ray address and
+    storage options do not)."""
+    import hashlib
+    import json
+
+    from pipeline.config import to_dict
+
+    settings = {k: v for k, v in to_dict(plan.cfg).items() if k not in ("ray", "s3", "break_lock", "lock_stale_after_s")}
+    settings.update(embedder=to_dict(plan.embedder), nprobe=plan.nprobe, rerank_depth=plan.rerank_depth,
+                    index_ntotal=plan.manifest.ntotal, blocklist=sorted(blocklist),
+                    subset=sorted(subset) if subset is not None else None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
-    from pipeline.embedders import build_embedder
     from pipeline.index.registry import Registry
     from pipeline.index.rerank import source_for
     from pipeline.index.serve import IndexSearcher
-    from pipeline.queries import load_key_set, load_queries
+    from pipeline.layout.runs import BASELINE, BASELINE_UNIT, BatchPlan, BatchRecord, batch_unit
+    from pipeline.queries import list_queries, load_key_set
     from pipeline.report import calibrate_threshold, run_report
-    from pipeline.results import run_record, write_results
+    from pipeline.results import run_record
 
     cfg = plan.cfg
     started = time.time()
     storage = cfg.s3
-    query_set = load_queries(cfg.queries, storage)
-    queries = query_set.queries
-    for source, why in query_set.unreadable[:5]:
+    listed = list_queries(cfg.queries, storage)
+    for source, why in listed.unreadable[:5]:
         progress.log(f"skipping unreadable query {source}: {why}")
     blocklist: set[str] = set()
     for spec in cfg.blocklist:
         blocklist |= load_key_set(spec, storage)
     subset = load_key_set(cfg.subset, storage) if cfg.subset else None
-    counters = {"pixels_fetched": 0, "blocked": 0, "unreadable_queries": query_set.unreadable}
+    embedder = EmbedPool(plan.embedder, cfg.rerank if cfg.rerank.name else None, storage)
+    rerank = embedder if cfg.rerank.name else None  # the pool's second descriptor
+    plan.manifest.check(identity=embedder.identity(), where=f"index {plan.index.url!r}")  # before anything is written
+    size = cfg.query_batch_size
+    batches = [listed.refs[a:a + size] for a in range(0, len(listed.refs), size)]
+    done = plan.run.start_batches(BatchPlan(batch_size=size, queries=len(listed.refs), batches=len(batches),
+                                            digest=settings_digest(plan, blocklist, subset)))
+    if done:
+        progress.log(f"resuming run {plan.run_id}: {done} of {len(batches)} query batches already done")
 
-    embedder = build_embedder(plan.embedder, storage)
-    rerank = build_embedder(cfg.rerank, storage) if cfg.rerank.name else None
-    model = score_model(cfg, (rerank or embedder).identity())
     with IndexSearcher(plan.index, identity=embedder.identity(), ray_address=cfg.ray.address,
                        nprobe=plan.nprobe) as searcher:
+        embedder.start(cfg.embed_actors)
+        model = score_model(cfg, (embedder.rerank or embedder.query).identity())
+        identity = embedder.identity()
         source = source_for(plan.index, plan.manifest)
         registry = Registry.load(plan.index)
-        with progress.step(f"searching {len(queries)} queries across {len(plan.manifest.shards)} index shards "
-                           f"(regions, rerank, verification of the best {cfg.verify_top}, final score)"):
-            picks, boxes = match_images([q.image for q in queries], cfg, plan.rerank_depth, embedder, searcher, source, registry,
-                                        blocklist, counters, model, rerank)
-        with progress.step("counting near-duplicates of the matches"):
-            groups = neighbours(sorted({c.id for p in picks for c in p[: cfg.top_k]}), searcher, source, cfg)
-        with progress.step(f"baseline: {cfg.baseline_size} corpus images searched like the queries"):
-            baseline, self_recall = run_baseline(cfg, plan.run_id, plan.rerank_depth, embedder, searcher, source, registry, blocklist,
-                                                 counters, model, rerank)
+        try:
+            if plan.run.batch_record(BASELINE_UNIT) is None:
+                with progress.step(f"baseline: {cfg.baseline_size} corpus images searched like the queries"):
+                    t, counters = time.time(), {"pixels_fetched": 0, "blocked": 0}
+                    baseline, self_recall = run_baseline(cfg, plan.run_id, plan.rerank_depth, embedder, searcher,
+                                                         source, registry, blocklist, counters, model, rerank)
+                    plan.run.write_table(BASELINE, baseline)
+                    plan.run.write_batch(BatchRecord(BASELINE_UNIT, pixels_fetched=counters["pixels_fetched"],
+                                                     seconds=round(time.time() - t, 2), self_recall=self_recall), {})
+            with progress.task("search", len(batches), f"query batches of {size} (regions, candidates, rerank, "
+                                                       f"verification of the best {cfg.verify_top}, final score)") as bar:
+                for n, refs in enumerate(batches):
+                    if plan.run.batch_record(batch_unit(n)) is None:
+                        search_batch(plan, n, refs, embedder, rerank, searcher, source, registry, blocklist, subset,
+                                     model, identity)
+                    bar.advance()
+        finally:
+            embedder.close()
         nprobe = searcher.nprobe
 
-    scored = [s for s in baseline["top1_score_no_dups"] if s is not None]
+    records = [plan.run.batch_record(batch_unit(n)) for n in range(len(batches))]
+    base = plan.run.batch_record(BASELINE_UNIT)
+    unreadable = listed.unreadable + [tuple(u) for r in records for u in r.unreadable]
+    n_queries = sum(r.queries for r in records)
+    if not n_queries:
+        raise ConfigError(f"no query images found at {cfg.queries!r} ({len(unreadable)} unreadable, "
+                          f"e.g. {unreadable[0][0]}: {unreadable[0][1]})")
+    counters = {"pixels_fetched": base.pixels_fetched + sum(r.pixels_fetched for r in records),
+                "blocked": sum(r.blocked for r in records), "unreadable_queries": unreadable}
+    baseline = plan.run.read_table(BASELINE)
+    scored = [s for s in baseline.column("top1_score_no_dups").to_pylist() if s is not None]
     calibrated = calibrate_threshold(scored, cfg.fpr) if scored else None
-    identity = embedder.identity()
     with progress.step(f"writing results to {plan.run.url}"):
-        write_results(plan, queries, picks, groups, boxes, baseline, identity, subset, registry)
-        plan.run.write_record(run_record(plan, identity, len(queries), counters, blocklist, subset, calibrated,
-                                         self_recall, nprobe, time.time() - started, model.identity()))
+        plan.run.assemble_batches(len(batches))
+        plan.run.write_record(run_record(plan, identity, n_queries, counters, blocklist, subset, calibrated,
+                                         base.self_recall, nprobe, time.time() - started, model.identity()))
+        plan.run.remove_batches()
     with progress.step("writing the report"):
         summary = run_report(plan.run)
     return SearchResult(summary=summary, run_url=plan.run.url, nprobe=nprobe)
+
+
+def search_batch(plan: SearchPlan, n: int, refs, embedder, rerank, searcher, source, registry, blocklist, subset,
+                 model, identity) -> None:
+    """One batch of queries, start to finish: read, match, count duplicates, write (record last)."""
+    from pipeline.layout.runs import BatchRecord, batch_unit
+    from pipeline.queries import read_queries
+    from pipeline.results import result_rows
+
+    cfg, t = plan.cfg, time.time()
+    found = read_queries(refs, cfg.s3)
+    queries = found.queries
+    counters = {"pixels_fetched": 0, "blocked": 0}
+    picks, boxes, groups = [], [], {}
+    if queries:
+        picks, boxes = match_images([q.image for q in queries], cfg, plan.rerank_depth, embedder, searcher, source,
+                                    registry, blocklist, counters, model, rerank)
+        groups = neighbours(sorted({c.id for p in picks for c in p[: cfg.top_k]}), searcher, source, cfg)
+    tables = result_rows(plan, queries, picks, groups, boxes, identity, subset, registry)
+    plan.run.write_batch(BatchRecord(batch_unit(n), queries=len(queries), pixels_fetched=counters["pixels_fetched"],
+                                     blocked=counters["blocked"], seconds=round(time.time() - t, 2),
+                                     unreadable=[list(u) for u in found.unreadable]), tables)
 
 
 def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher, source, registry, blocklist, counters, model,

@@ -236,7 +236,7 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
     rerank = EmbedderConfig(name="sscd", checkpoint=str(path), image_size=64)
     cfg = SearchConfig(queries=str(demo["work"] / "generated"), index=str(demo["work"] / "index"),
                        output=str(tmp_path / "results"), run_id="rerank", rerank=rerank, rerank_top=5,
-                       verify_top=0, top_k=5, baseline_size=50)
+                       verify_top=0, top_k=5, baseline_size=50, embed_actors=1)  # both descriptors in Ray actors
     run_search_url = run_search(cfg).run_url
     matches = table(Path(run_search_url), "matches.parquet").to_pylist()
     assert all(m["score_rerank"] is not None and m["similarity"] == m["score_rerank"] for m in matches)
@@ -253,3 +253,48 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
         assert m["score_rerank"] == pytest.approx(float((cv @ qv.T)[0, 0]), abs=1e-4)
     ranks = [m["score"] for m in matches if m["query_key"] == "copy-crop-0"]
     assert ranks == sorted(ranks, reverse=True)
+
+
+def test_a_killed_search_resumes_with_the_batches_it_had_not_finished(demo, tmp_path, monkeypatch):
+    """Queries are searched and written a batch at a time; a rerun after a crash redoes only the
+    unfinished batches and ends with the tables an uninterrupted run writes."""
+    import shutil
+
+    import pipeline.search as search
+    from pipeline.errors import ConfigError
+
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    for name in sorted(p.name for p in (demo["work"] / "generated").iterdir())[:20]:  # 10 images and their prompts
+        shutil.copy(demo["work"] / "generated" / name, generated / name)
+    common = dict(queries=str(generated), index=str(demo["work"] / "index"), output=str(tmp_path / "results"),
+                  verify_top=2, top_k=3, baseline_size=8)
+    whole = Path(run_search(SearchConfig(run_id="whole", **common)).run_url)
+
+    real, calls = search.search_batch, []
+
+    def crash_after_two(plan, n, *args):
+        calls.append(n)
+        if len(calls) > 2:
+            raise KeyboardInterrupt("killed")
+        return real(plan, n, *args)
+
+    monkeypatch.setattr(search, "search_batch", crash_after_two)
+    cfg = SearchConfig(run_id="resumed", query_batch_size=3, **common)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(cfg)
+    run = tmp_path / "results" / "run_id=resumed"
+    assert sorted(p.name for p in (run / "_batches").glob("*.json")) == ["000000.json", "000001.json", "baseline.json",
+                                                                         "plan.json"]
+    assert not (run / "matches.parquet").exists()
+    with pytest.raises(ConfigError, match="other settings"):  # never mixed with batches made otherwise
+        run_search(SearchConfig(run_id="resumed", query_batch_size=3, **{**common, "top_k": 2}))
+
+    calls.clear()
+    monkeypatch.setattr(search, "search_batch", lambda plan, n, *args: (calls.append(n), real(plan, n, *args)))
+    resumed = Path(run_search(cfg).run_url)
+    assert calls == [2, 3] and not (run / "_batches").exists()  # 10 queries in batches of 3: 2 left
+    for name in ("matches.parquet", "queries.parquet", "baseline.parquet"):
+        a, b = pq.read_table(whole / name).drop(["run_id"]), pq.read_table(resumed / name).drop(["run_id"])
+        assert a.equals(b), name
+    assert json.loads((resumed / "run.json").read_text())["queries"] == 10

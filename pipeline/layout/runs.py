@@ -12,7 +12,18 @@
                                             image, status, what each stage did), written at its start and end
 {results}/run_id={run_id}/query_inputs.parquet  the query images that pipeline run gave search (key, path, prompt)
 {results}/run_id={run_id}/_pipeline_lock.json   held by that pipeline run for its whole length
+{results}/run_id={run_id}/_batches/plan.json     BatchPlan: how the queries were cut into batches, and
+                                                 the settings digest a resumed run must match
+{results}/run_id={run_id}/_batches/{n:06d}.matches.parquet, {n:06d}.queries.parquet
+                                                 one query batch's rows
+{results}/run_id={run_id}/_batches/{n:06d}.json  BatchRecord, written last: batch n is done
+{results}/run_id={run_id}/_batches/baseline.json BatchRecord of the baseline (baseline.parquet is done)
 ```
+
+A search writes each batch of queries as it finishes it, so a killed run resumes with the batches
+it had not finished; once every batch is done it assembles ``queries.parquet`` and
+``matches.parquet`` from them (one row group per batch) and removes ``_batches/``. The
+underscore keeps the folder out of hive-partitioned reads of the results.
 
 Everything a run writes stays in its own folder: runs started side by side never rewrite a
 shared file, and ``replica runs`` lists them by reading each folder.
@@ -43,6 +54,9 @@ GALLERY = "report.html"
 PIPELINE_RECORD = "pipeline.json"
 QUERY_INPUTS = "query_inputs.parquet"
 PIPELINE_LOCK = "_pipeline_lock.json"
+BATCHES = "_batches"
+BATCH_PLAN = f"{BATCHES}/plan.json"
+BASELINE_UNIT = "baseline"
 
 # PipelineRecord.status values
 RUN_RUNNING = "running"
@@ -207,6 +221,50 @@ class RunRecord:
 
 
 @dataclass
+class BatchPlan:
+    """``_batches/plan.json``: the cut of the queries into batches, fixed at the run's start."""
+
+    batch_size: int
+    queries: int
+    batches: int
+    #: sha256 of the settings that decide a batch's rows: a resume under other settings is refused
+    digest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "BatchPlan":
+        return cls(**known_fields(cls, d))
+
+
+@dataclass
+class BatchRecord:
+    """``_batches/{n}.json``: one finished unit of a search (a query batch, or the baseline)."""
+
+    unit: str
+    queries: int = 0
+    pixels_fetched: int = 0
+    blocked: int = 0
+    seconds: float = 0.0
+    #: query files of the batch that could not be decoded: [[source, why]]
+    unreadable: list[list[str]] = field(default_factory=list)
+    #: the baseline's share of samples found as themselves (index recall for exact copies)
+    self_recall: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "BatchRecord":
+        return cls(**known_fields(cls, d))
+
+
+def batch_unit(n: int) -> str:
+    return f"{n:06d}"
+
+
+@dataclass
 class PipelineRecord:
     """``pipeline.json``: one `replica pipeline` run: what it was given, what ran it, how it ended."""
 
@@ -313,6 +371,47 @@ class RunFolder(Folder):
 
     def write_record(self, record: RunRecord) -> None:
         self.write_json(RUN_JSON, record.to_json())
+
+    # -- query batches (a search's units of work) --------------------------------------------
+    def start_batches(self, plan: BatchPlan) -> int:
+        """Record the batch plan, or check it against the one a killed run left: returns how many
+        units are already done. Other settings than the recorded ones are refused, never mixed."""
+        if self.exists(BATCH_PLAN):
+            old = BatchPlan.from_json(self.read_json(BATCH_PLAN))
+            if old != plan:
+                raise ConfigError(
+                    f"{self.url} holds the finished batches of an interrupted search with other settings or "
+                    f"queries ({old.queries} queries in batches of {old.batch_size}, settings {old.digest[:12]}; "
+                    f"now {plan.queries} in batches of {plan.batch_size}, settings {plan.digest[:12]}): rerun it "
+                    "with the same settings to resume, or give a new run id")
+            return sum(self.batch_record(batch_unit(n)) is not None for n in range(plan.batches))
+        self.write_json(BATCH_PLAN, plan.to_json())
+        return 0
+
+    def batch_record(self, unit: str) -> BatchRecord | None:
+        name = f"{BATCHES}/{unit}.json"
+        return BatchRecord.from_json(self.read_json(name)) if self.exists(name) else None
+
+    def write_batch(self, record: BatchRecord, tables: dict[str, list[dict[str, Any]]]) -> None:
+        """A batch's tables, then its record last (the batch is done once the record exists)."""
+        for name, rows in tables.items():
+            with self.atomic(f"{BATCHES}/{record.unit}.{name}") as f:
+                pq.write_table(pa.Table.from_pylist(rows, schema=TABLE_SCHEMAS[name]()), f)
+        self.write_json(f"{BATCHES}/{record.unit}.json", record.to_json())
+
+    def assemble_batches(self, batches: int) -> None:
+        """``queries.parquet`` and ``matches.parquet`` from the batches' files, one row group per
+        batch: memory holds one batch's rows at a time."""
+        for name in (QUERIES, MATCHES):
+            schema = TABLE_SCHEMAS[name]()
+            with self.atomic(name) as out:
+                with pq.ParquetWriter(out, schema) as writer:
+                    for n in range(batches):
+                        with self.open(f"{BATCHES}/{batch_unit(n)}.{name}") as f:
+                            writer.write_table(pq.read_table(f, schema=schema))
+
+    def remove_batches(self) -> None:
+        self.remove(BATCHES)
 
     def write_pipeline_record(self, record: PipelineRecord) -> None:
         self.write_json(PIPELINE_RECORD, record.to_json())
