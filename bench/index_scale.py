@@ -1,16 +1,22 @@
-"""Index scale benchmark: build replica's sharded IVF-PQ index over N synthetic vectors.
+"""Index scale benchmark: build replica's sharded index over N vectors, tuned, and measure it.
 
-    .venv/bin/python bench/index_scale.py --n 1000000 --out bench/out/idx1m --autofaiss /tmp/autofaiss-venv/bin/python
+    .venv/bin/python bench/index_scale.py --n 1000000 --generator powerlaw --out bench/out/idx1m
+    .venv/bin/python bench/index_scale.py --embeddings s3://bucket/laion-vit-l14-emb --out bench/out/laion
 
-Vectors have realistic structure (a random projection of a 48-d Gaussian mixture plus small
-noise, L2-normalised; see pipeline/testing/vectors.py) and are written as embedding Parquet
-shards, exactly what the embed stage writes. Then: train / add (Ray tasks) / merge timings,
-bytes per vector on disk and in RAM, queries/s and recall@1/@10 against exact brute force at
-several nprobe, recall after exact rerank, the cost of fetching 1,000 candidates' vectors
-(raw fp16 side file vs Parquet), and optionally autofaiss on the same vectors and memory
-budget, run in its own venv (autofaiss 2.18 needs numpy<2 and faiss-cpu 1.9).
-Results go to {out}/result.json. Every step is resumable (reruns skip written shards and
-a built index).
+Vectors come from one of two generators (pipeline/testing/vectors.py: ``mixture``, a random
+projection of a 48-d Gaussian mixture; ``powerlaw``, a power-law spectrum with Zipf-sized
+clusters) written as embedding Parquet shards, exactly what the embed stage writes, or from any
+embedding folder (``--embeddings``: a user's import of LAION's released vectors). Then the build
+as users run it (train / add as Ray tasks / merge / tune, default factory from the memory budget)
+and, at the settings the build's tuning chose: ANN recall@10 and recall@10 after the exact
+rerank against brute force over the stored fp16 values (computed shard by shard, held-out
+queries: fresh draws of the generator, or stored vectors with themselves excluded), bytes per
+vector, scan nanoseconds per code per core, end-to-end queries/s per core (ANN + rerank), peak
+RSS; the recall of a sweep of nprobe; the cost of fetching 1,000 candidates' vectors (side file
+vs Parquet); optionally autofaiss on the same vectors and memory budget in its own venv
+(autofaiss 2.18 needs numpy<2 and faiss-cpu 1.9). One faiss/OpenMP thread unless ``--threads``.
+Results go to {out}/result.json. Every step is resumable (reruns skip written shards and a built
+index); the generated vectors and side files are removed at the end unless ``--keep-data``.
 """
 from __future__ import annotations
 
@@ -26,6 +32,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# One OpenMP thread per process unless threading is measured (set before faiss loads): on shared
+# cores more threads than cores made PQ training several times slower.
+_threads = sys.argv[sys.argv.index("--threads") + 1] if "--threads" in sys.argv else "1"
+os.environ.setdefault("OMP_NUM_THREADS", _threads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -33,7 +44,7 @@ from pipeline.config import IndexConfig  # noqa: E402
 from pipeline.index.registry import Registry, decode_ids, encode_ids  # noqa: E402
 from pipeline.layout.embeddings import EmbeddingsFolder, EmbeddingsInfo  # noqa: E402
 from pipeline.layout.index import IndexFolder  # noqa: E402
-from pipeline.testing.vectors import MixtureSource, identity, write_shard  # noqa: E402
+from pipeline.testing.vectors import MixtureSource, PowerLawSource, identity, write_shard  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -206,26 +217,29 @@ def main() -> None:
     ap.add_argument("--rows-per-shard", type=int, default=10_000)
     ap.add_argument("--out", default="bench/out/index_1m")
     ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--nprobes", default="1,4,16,64,256")
+    ap.add_argument("--nprobes", default="16,64,256", help="nprobe sweep, at the tuned rerank depth")
     ap.add_argument("--factory", default="")
     ap.add_argument("--memory-budget-gb", type=float, default=0.1)
-    ap.add_argument("--max-nlist", type=int, default=4096)
+    ap.add_argument("--max-nlist", type=int, default=131072, help="cap on nlist (the build's default)")
     ap.add_argument("--train-size", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=10)
     ap.add_argument("--shard-memory-gb", type=float, default=8.0)
     ap.add_argument("--no-write-vectors", action="store_true")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=1, help="faiss/OpenMP threads per process (default 1)")
+    ap.add_argument("--generator", choices=("mixture", "powerlaw"), default="mixture")
+    ap.add_argument("--embeddings", default="", help="an existing embedding folder (no vectors generated)")
+    ap.add_argument("--tune-queries", type=int, default=1000)
+    ap.add_argument("--target-recall", type=float, default=0.95)
+    ap.add_argument("--keep-data", action="store_true", help="keep the generated vectors and side files")
     ap.add_argument("--autofaiss", default="", help="python of a venv with autofaiss 2.18 (empty = skip)")
     ap.add_argument("--autofaiss-index-key", default="", help="force autofaiss' factory (empty = its own choice)")
     ap.add_argument("--autofaiss-timeout", type=float, default=0, help="give autofaiss up after this many seconds")
     ap.add_argument("--only-autofaiss", action="store_true", help="reuse the built index and result.json; run autofaiss")
-    ap.add_argument("--rerank-candidates", type=int, default=100)
     args = ap.parse_args()
 
     import faiss
 
     from pipeline.index.build import run_build
-    from pipeline.index.rerank import SideFileVectors, exact_rerank
     from pipeline.index.serve import IndexSearcher
     from pipeline.ray_util import connect
 
@@ -236,7 +250,8 @@ def main() -> None:
     result: dict = {"machine": machine(), "n": args.n, "dim": args.dim, "faiss": faiss.__version__,
                     "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "loadavg_start": os.getloadavg()}
-    src = MixtureSource(args.dim, latent=48, clusters=2000, seed=0)
+    src = MixtureSource(args.dim, latent=48, clusters=2000, seed=0) if args.generator == "mixture" else \
+        PowerLawSource(args.dim, clusters=4000, seed=0)
     log = lambda s: print(f"[{time.strftime('%H:%M:%S')}] {s}", flush=True)  # noqa: E731
 
     if args.only_autofaiss:
@@ -258,26 +273,33 @@ def main() -> None:
         (out / "result.json").write_text(json.dumps(result, indent=2))
         return
 
-    log(f"generating {args.n:,} vectors of dim {args.dim} as {args.rows_per_shard}-row Parquet shards")
-    result["generate_seconds"] = round(generate(src, EmbeddingsFolder(emb), args.n, args.rows_per_shard), 1)
-    result["embeddings_bytes"] = sum(p.stat().st_size for p in Path(emb).glob("*.parquet"))
+    if args.embeddings:
+        emb = args.embeddings
+        result["data"] = {"embeddings": emb}
+    else:
+        log(f"generating {args.n:,} {args.generator} vectors of dim {args.dim} as {args.rows_per_shard}-row shards")
+        result["data"] = {"generator": args.generator,
+                          "generate_seconds": round(generate(src, EmbeddingsFolder(emb), args.n, args.rows_per_shard), 1),
+                          "embeddings_bytes": sum(p.stat().st_size for p in Path(emb).glob("*.parquet"))}
 
     cfg = IndexConfig(embeddings=emb, index=index_url, factory=args.factory, memory_budget_gb=args.memory_budget_gb,
                       max_nlist=args.max_nlist, train_size=args.train_size, group_size=args.group_size,
                       shard_memory_gb=args.shard_memory_gb, write_vectors=not args.no_write_vectors,
-                      threads=args.threads, cpus_per_task=1)
-    connect(None, num_cpus=args.threads, object_store_memory=512 * 2**20)
-    log("building the index (train -> add -> merge)")
+                      threads=args.threads, cpus_per_task=1, tune_queries=args.tune_queries,
+                      target_recall=args.target_recall)
+    connect(None, num_cpus=os.cpu_count(), object_store_memory=512 * 2**20)
+    log("building the index (train -> add -> merge -> tune)")
     from pipeline.progress import PlainProgress
 
     build = run_build(cfg, PlainProgress(interval=60), use_ray=True)
     built = build.manifest
     trained = index.read_trained_info()
-    result["factory"] = built.factory
-    result["nlist"] = trained.nlist
-    result["train_size"] = trained.train_size
-    result["timings"] = {**build.timings, "train_sample": trained.sample_seconds, "train_fit": trained.train_seconds}
-    result["driver_peak_rss_mb_build"] = round(peak_rss_mb(), 1)
+    tuning = index.read_tuning()
+    result.update(factory=built.factory, nlist=trained.nlist, train_size=trained.train_size,
+                  timings={**build.timings, "train_sample": trained.sample_seconds, "train_fit": trained.train_seconds},
+                  driver_peak_rss_mb_build=round(peak_rss_mb(), 1),
+                  tuning={k: v for k, v in tuning.to_json().items()})
+    log(f"tuned: {json.dumps(tuning.summary())}")
     ntotal = built.ntotal
     ivf_bytes = sum(s.ivfdata_bytes for s in built.shards)
     idx_bytes = sum(s.index_bytes for s in built.shards)
@@ -285,42 +307,63 @@ def main() -> None:
         "ntotal": ntotal, "shards": len(built.shards), "code_size": built.code_size,
         "ivfdata_bytes": ivf_bytes, "index_files_bytes": idx_bytes,
         "disk_bytes_per_vector": round((ivf_bytes + idx_bytes) / ntotal, 2),
-        "codes_plus_ids_bytes_per_vector": round(ivf_bytes / ntotal, 2),
+        "codes_plus_ids_bytes_per_vector": round((built.code_size + 8), 2),
         "parts": sum(len(s.parts) for s in built.shards),
     }
     if cfg.write_vectors:
         result["index"]["side_file_bytes"] = sum(p.stat().st_size for p in Path(index_url, "vectors").glob("*.f16"))
 
     reg = Registry.load(index)
-    queries = src.batch(10**7, args.queries)
-    log(f"exact top-100 for {len(queries)} queries by brute force")
-    t = time.time()
-    _, truth = exact_topk(queries, reg, 100)
-    result["brute_force_seconds"] = round(time.time() - t, 1)
-    np.save(out / f"truth_{args.queries}.npy", truth)
+    k, depth, tuned_nprobe = 10, tuning.rerank_depth, tuning.nprobe
+    if args.embeddings:  # stored vectors as queries, each excluded from its own answers
+        from pipeline.index.tune import sample_queries
 
-    faiss.omp_set_num_threads(args.threads)
+        queries, self_ids = sample_queries(reg, args.queries, seed=12345)
+    else:  # fresh draws: nobody's own vector
+        queries, self_ids = src.batch(10**7, args.queries), np.full(args.queries, -2, np.int64)
+    log(f"exact top-{k + 1} of {len(queries)} held-out queries by brute force (fp16, shard by shard)")
+    t = time.time()
+    _, truth = exact_topk(queries, reg, k + 1)
+    result["brute_force_seconds"] = round(time.time() - t, 1)
+
+    from pipeline.index.tune import recall_without_self
+
     rss_before = rss_mb()
     searcher = IndexSearcher(index, use_ray=False, threads=args.threads)
     rss_loaded = rss_mb()
+    sizes = [np.array([ivf.invlists.list_size(lst) for lst in range(ivf.nlist)]) for ivf in searcher._local.ivfs]
+    list_sizes = np.sum(sizes, axis=0)
+    owner = np.arange(len(queries))
+
+    def measure(nprobe: int, rerank_depth: int) -> dict:
+        searcher.search(queries[:50], rerank_depth + 1, nprobe)  # warm the lists
+        x, _, lists = searcher.coarse.assign(queries, nprobe)
+        codes = int(list_sizes[lists[lists >= 0]].sum())
+        t = time.perf_counter()
+        _, ann = searcher.search(queries, rerank_depth + 1, nprobe)
+        ann_s = time.perf_counter() - t
+        cand = [row[row >= 0] for row in ann]
+        t = time.perf_counter()
+        exact = searcher.rescore(queries, owner, cand)
+        rerank_s = time.perf_counter() - t
+        found = np.full((len(queries), k + 1), -1, np.int64)
+        for q, (c, (sc, _)) in enumerate(zip(cand, exact)):
+            best = c[np.lexsort((c, -sc))][: k + 1]
+            found[q, : len(best)] = best
+        return {"nprobe": nprobe, "rerank_depth": rerank_depth,
+                "ann_recall@10": round(recall_without_self(ann, truth, self_ids, k), 4),
+                "recall@10_after_rerank": round(recall_without_self(found, truth, self_ids, k), 4),
+                "ann_qps_per_core": round(len(queries) / ann_s / args.threads, 1),
+                "end_to_end_qps_per_core": round(len(queries) / (ann_s + rerank_s) / args.threads, 1),
+                "codes_scanned_per_query": round(codes / len(queries)),
+                "scan_ns_per_code_per_core": round(ann_s * 1e9 * args.threads / max(codes, 1), 2)}
+
+    result["at_tuned_settings"] = measure(tuned_nprobe, depth)
+    log(json.dumps(result["at_tuned_settings"]))
     sweep = []
-    nprobes = [int(x) for x in args.nprobes.split(",")]
-    for nprobe in nprobes:
-        searcher.search(queries[:50], 10, nprobe)  # warm the mapped lists
-        t = time.time()
-        _, found = searcher.search(queries, 10, nprobe)
-        dt = time.time() - t
-        row = {"nprobe": nprobe, "qps": round(len(queries) / dt, 1), "recall@1": recall(found, truth, 1),
-               "recall@10": recall(found, truth, 10)}
-        if cfg.write_vectors:
-            t = time.time()
-            _, cand = searcher.search(queries, args.rerank_candidates, nprobe)
-            _, rr = exact_rerank(queries, cand, SideFileVectors(index.vectors_folder, args.dim), 10)
-            row["rerank_qps"] = round(len(queries) / (time.time() - t), 1)
-            row["recall@1_rerank"] = recall(rr, truth, 1)
-            row["recall@10_rerank"] = recall(rr, truth, 10)
-        sweep.append(row)
-        log(json.dumps(row))
+    for nprobe in [int(x) for x in args.nprobes.split(",")]:
+        sweep.append(measure(nprobe, depth))
+        log(json.dumps(sweep[-1]))
     result["sweep"] = sweep
     result["search_rss_mb"] = {"before_load": round(rss_before, 1), "after_load": round(rss_loaded, 1),
                                "after_queries": round(rss_mb(), 1), "peak": round(peak_rss_mb(), 1)}
@@ -328,12 +371,12 @@ def main() -> None:
 
     # the same through Ray actors: identical results, and its throughput
     with IndexSearcher(index, use_ray=True, num_actors=min(2, len(built.shards)), cpus_per_actor=1,
-                       threads=max(1, args.threads // 2)) as rs:
+                       threads=args.threads) as rs:
         local = IndexSearcher(index, use_ray=False, threads=args.threads)
-        d1, i1 = local.search(queries, 10, 16)
+        d1, i1 = local.search(queries, 10, tuned_nprobe)
         t = time.time()
-        d2, i2 = rs.search(queries, 10, 16)
-        result["ray_search"] = {"nprobe": 16, "qps": round(len(queries) / (time.time() - t), 1),
+        d2, i2 = rs.search(queries, 10, tuned_nprobe)
+        result["ray_search"] = {"nprobe": tuned_nprobe, "qps": round(len(queries) / (time.time() - t), 1),
                                 "identical_to_in_process": bool((i1 == i2).all() and np.allclose(d1, d2))}
         local.close()
 
@@ -348,13 +391,21 @@ def main() -> None:
         budget_mb = int(args.memory_budget_gb * 1024)
         log(f"autofaiss with max_index_memory_usage={budget_mb}MB")
         result["autofaiss"] = run_autofaiss(args.autofaiss, out, reg, f"{budget_mb}MB", queries, truth,
-                                            nprobes, args.threads, args.autofaiss_index_key,
+                                            [int(x) for x in args.nprobes.split(",")], args.threads,
+                                            args.autofaiss_index_key,
                                             args.autofaiss_timeout or None)
         log(json.dumps({k: v for k, v in result["autofaiss"].items() if k != "infos"}))
     result["loadavg_end"] = os.getloadavg()
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     (out / "result.json").write_text(json.dumps(result, indent=2))
     log(f"wrote {out / 'result.json'}")
+    if not args.keep_data:  # 10M x 512 is ~10 GB of Parquet and ~10 GB of side files
+        import shutil
+
+        if not args.embeddings:
+            shutil.rmtree(emb, ignore_errors=True)
+        shutil.rmtree(Path(index_url) / "vectors", ignore_errors=True)
+        log("removed the generated vectors and the side files (--keep-data keeps them)")
 
 
 if __name__ == "__main__":

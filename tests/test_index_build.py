@@ -153,3 +153,17 @@ def test_fast_scan_shards_are_merged_in_ram_and_equal_one_index(tmp_path):
     assert untied.mean() > 0.3 and (i1 == i2)[untied].mean() > 0.95
     _, reranked = exact_rerank(queries, cand, SideFileVectors(index_of(cfg).vectors_folder, 32), 10)
     assert recall_at(reranked, brute_force(queries, x, ids, 10), 10) >= 0.9
+
+
+def test_sampled_positions_read_only_their_row_groups_and_equal_a_full_read(tmp_path):
+    from pipeline.index.train import read_ok_vectors
+    from pipeline.layout.embeddings import EmbeddingsFolder
+
+    corpus = make_corpus(str(tmp_path / "emb"), shards=1, rows=3000, bad_every=7)  # 3 row groups of 1,024
+    folder = EmbeddingsFolder(corpus.folder)
+    all_rows, all_x = read_ok_vectors(folder, corpus.names[0])
+    positions = np.array([2999, 5, 1500, 6, 1024])  # unsorted, across groups, one of them a bad row
+    rows, x = read_ok_vectors(folder, corpus.names[0], positions=positions)
+    want = [p for p in sorted(positions) if p in set(all_rows.tolist())]
+    assert rows.tolist() == want
+    np.testing.assert_array_equal(x, all_x[np.searchsorted(all_rows, want)])

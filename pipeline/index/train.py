@@ -47,9 +47,17 @@ def read_ok_vectors(folder: EmbeddingsFolder, shard: str, positions: np.ndarray 
 
         pf = pq.ParquetFile(f)
         check_columns(pf.schema_arrow, folder.parquet_url(shard))
-        table = pf.read(columns=["row", "status", "embedding"])
-    if positions is not None:
-        table = table.take(pa.array(np.sort(positions)))
+        columns = ["row", "status", "embedding"]
+        if positions is None:
+            table = pf.read(columns=columns)
+        else:  # only the row groups that hold a wanted position are read and decoded
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            positions = np.sort(positions)
+            groups = np.unique(np.searchsorted(starts, positions, side="right") - 1)
+            table = pf.read_row_groups(groups.tolist(), columns=columns)
+            kept = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups]) if len(groups) else []
+            table = table.take(pa.array(np.searchsorted(kept, positions)))
     ok = pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("embedding")))
     table = table.filter(ok)
     if table.num_rows == 0:

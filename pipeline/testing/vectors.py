@@ -42,6 +42,31 @@ class MixtureSource:
         return x.astype(np.float32)
 
 
+class PowerLawSource:
+    """The second generator: a power-law spectrum (direction i has variance ~ i^-alpha) and
+    clusters of Zipf-distributed sizes (a few huge ones, a long tail), the shape of real
+    descriptor sets, where a mixture of equal, well-separated clusters flatters an IVF index.
+    ``batch(i, n)`` always gives the same vectors for the same i."""
+
+    def __init__(self, dim: int, clusters: int = 4000, alpha: float = 1.0, zipf: float = 1.1,
+                 spread: float = 0.6, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.dim, self.seed, self.spread = dim, seed, spread
+        self.scale = (np.arange(1, dim + 1, dtype=np.float32) ** (-alpha / 2)).astype(np.float32)
+        self.basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)
+        self.centers = (rng.standard_normal((clusters, dim)) * self.scale).astype(np.float32)
+        weights = 1.0 / np.arange(1, clusters + 1) ** zipf
+        self.p = weights / weights.sum()
+
+    def batch(self, i: int, n: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, i])
+        c = rng.choice(len(self.centers), size=n, p=self.p)
+        z = self.centers[c] + rng.standard_normal((n, self.dim)).astype(np.float32) * (self.spread * self.scale)
+        x = z @ self.basis
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x.astype(np.float32)
+
+
 def identity(dim: int, **over: Any) -> dict[str, Any]:
     return {**IDENTITY, "dim": dim, **over}
 
