@@ -35,17 +35,19 @@ def choice(default: Any, *choices: Any) -> Any:
 class EmbedderConfig:
     """Which descriptor makes the vectors."""
 
-    #: "default" (weight-free copy descriptor), "open_clip" or "sscd"
-    name: str = choice("default", "default", "open_clip", "sscd")
-    #: open_clip architecture, e.g. "ViT-B-32"
+    #: "default" (weight-free copy descriptor), "open_clip", "sscd" or "dino" (DINO/DINOv2 ViTs via timm)
+    name: str = choice("default", "default", "open_clip", "sscd", "dino")
+    #: open_clip architecture, e.g. "ViT-B-32"; dino: a timm ViT, e.g. "vit_small_patch16_224.dino"
     model: str | None = None
     #: open_clip pretrained tag (downloaded by open_clip on a networked cluster)
     pretrained: str | None = None
-    #: local path or fsspec URL of weights: open_clip checkpoint or SSCD TorchScript file
+    #: local path or fsspec URL of weights: open_clip checkpoint, SSCD TorchScript file, or a DINO
+    #: state_dict (.pth) / .safetensors file
     checkpoint: str | None = None
     #: the sha256 the checkpoint file must have (pins weights fetched from a URL); empty = not checked
     checkpoint_sha256: str | None = None
-    #: JSON file of an open_clip model config to register (custom architectures)
+    #: JSON file of an open_clip model config to register (custom architectures); dino: timm
+    #: create_model arguments changing the architecture (embed_dim, depth, num_heads, patch_size, img_size)
     model_config: str | None = None
     #: preprocessing: resize short side to this many pixels, then centre-crop a square
     image_size: int | None = None
