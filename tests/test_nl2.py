@@ -1,0 +1,37 @@
+"""Carlini et al.'s normalised L2 against cases computed by hand."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from pipeline.nl2 import nl2_of_images, normalized_l2, pixels
+
+
+def test_normalized_l2_by_hand():
+    q = np.zeros(4)
+    a = np.array([1.0, 0, 0, 0])  # l2 = 1
+    b = np.array([1.0, 1, 1, 1])  # l2 = 2
+    c = np.array([3.0, 0, 4, 0])  # l2 = 5
+    # S(g) = {a, b}: mean l2 1.5, times alpha 0.5 = 0.75
+    got = normalized_l2(q, np.stack([a, b, c]), np.stack([a, b]))
+    np.testing.assert_allclose(got, [1 / 0.75, 2 / 0.75, 5 / 0.75])
+    # alpha 1 and the whole set as reference: mean (1 + 2 + 5) / 3
+    np.testing.assert_allclose(normalized_l2(q, np.stack([a]), np.stack([a, b, c]), alpha=1.0), [3 / 8])
+    # every reference an exact copy: 0 for a copy, infinity otherwise
+    np.testing.assert_array_equal(normalized_l2(q, np.stack([q, a]), np.stack([q, q])), [0.0, np.inf])
+
+
+def test_nl2_on_pixels_by_hand():
+    black = Image.new("RGB", (100, 80), (0, 0, 0))
+    grey = Image.new("RGB", (30, 30), (51, 51, 51))  # 0.2 in every channel
+    white = Image.new("RGB", (64, 200), (255, 255, 255))
+    assert pixels(black).shape == (64 * 64 * 3,) and pixels(white).max() == 1.0
+    np.testing.assert_allclose(pixels(grey), 0.2, atol=1e-6)
+    # l2(black, grey) = 0.2 * sqrt(d), l2(black, white) = sqrt(d); S = both: mean 0.6 sqrt(d), times 0.5
+    scores, used = nl2_of_images(black, [grey, white], n=50)
+    assert used == 2
+    np.testing.assert_allclose(scores, [0.2 / 0.3, 1 / 0.3], rtol=1e-5)
+    # n = 1: only the best candidate (grey) stands for the neighbours
+    scores, used = nl2_of_images(black, [grey, white], n=1)
+    assert used == 1
+    np.testing.assert_allclose(scores, [2.0, 10.0], rtol=1e-5)
