@@ -1,7 +1,7 @@
 """One typed config for every stage, loaded from a YAML/TOML file and/or CLI flags.
 
-A config file has one section per command (``ingest``, ``embed``, ``index``, ``import``, ``search``,
-``report``, ``pipeline``): the same file serves every command and ``replica pipeline``. Sections map to
+A config file has one section per command (``ingest``, ``embed``, ``index``, ``import``, ``captions``,
+``search``, ``report``, ``pipeline``): the same file serves every command and ``replica pipeline``. Sections map to
 dataclasses; unknown keys and wrong types are errors, so a typo fails before any work starts.
 
 Flags are made from the fields (pipeline/cli/options.py), one rule for all: a field ``f`` of the
@@ -324,6 +324,31 @@ class SearchConfig:
 
 
 @dataclass
+class CaptionsConfig:
+    """`replica captions`: how many training images carry each caption (exact and normalised), counted by Ray
+    tasks over the embedding Parquet; search joins the counts to its matches by hash."""
+
+    #: embedding folder whose rows' captions are counted ({shard}.parquet + {shard}.stats.json + _replica.json)
+    embeddings: str = ""
+    #: caption-counts folder: counts/part-*.parquet (one row per distinct caption) and _captions.json
+    output: str = ""
+    s3: Storage = field(default_factory=Storage)
+    ray: RayConfig = field(default_factory=RayConfig)
+    #: hash buckets of the counts: reduce tasks and output files (fixed for an output folder)
+    partitions: int = 16
+    #: embedding shards per counting task
+    group_size: int = 100
+    #: CPUs per task
+    cpus_per_task: float = 1
+    #: tasks in flight at once; 0 = cluster CPUs / cpus_per_task
+    max_tasks_in_flight: int = 0
+    #: take over the output's lock when its holder's heartbeat is older than lock_stale_after_s
+    break_lock: bool = False
+    #: seconds without a heartbeat after which a lock is stale (its run is presumed dead)
+    lock_stale_after_s: float = 600
+
+
+@dataclass
 class ReportConfig:
     """`replica report`: summary, histogram and gallery of one search run."""
 
@@ -352,11 +377,11 @@ class PipelineConfig:
 
 #: The config sections a file may hold, by the command that reads them.
 SECTIONS = {"ingest": IngestConfig, "embed": EmbedConfig, "index": IndexConfig, "import": ImportConfig,
-            "search": SearchConfig, "report": ReportConfig, "pipeline": PipelineConfig}
+            "captions": CaptionsConfig, "search": SearchConfig, "report": ReportConfig, "pipeline": PipelineConfig}
 #: The command each section belongs to (docs/CONFIG.md headings).
 COMMANDS = {"ingest": "replica ingest", "embed": "replica embed", "index": "replica index train|add|merge|build",
-            "import": "replica import-embeddings", "search": "replica search", "report": "replica report",
-            "pipeline": "replica pipeline"}
+            "import": "replica import-embeddings", "captions": "replica captions", "search": "replica search",
+            "report": "replica report", "pipeline": "replica pipeline"}
 
 
 # --------------------------------------------------------------------------- names of the last release

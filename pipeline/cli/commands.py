@@ -445,6 +445,27 @@ command(app, "import-embeddings", IMPORT.params(quiet_option()), _import,
         renamed=RENAMED_COMMON)
 
 
+# --------------------------------------------------------------------------- captions
+
+CAPTIONS = SectionCommand("captions")
+
+
+def _captions(config: str | None, quiet: bool, **kwargs: Any) -> None:
+    from pipeline.captions import run_captions
+
+    cfg = CAPTIONS.config(kwargs, config)
+    info = run_captions(cfg, progress_for(quiet))
+    click.echo(f"counted {info.rows_with_caption:,} captions of {info.rows:,} rows in {info.shards} shard(s): "
+               f"{info.distinct_captions:,} distinct, {info.distinct_normalized:,} after normalisation, in "
+               f"{info.seconds:.1f}s ({info.timings.get('rows_per_s', 0):,.0f} rows/s); counts: {cfg.output}")
+
+
+command(app, "captions", CAPTIONS.params(quiet_option()), _captions,
+        "Count how many training images carry each caption, exactly and after normalisation (NFKC, casefold, "
+        "URLs stripped, whitespace collapsed): Ray tasks over the embedding Parquet, written once as Parquet that "
+        "search joins to its matches by hash. Resumable: a rerun counts only new shards.")
+
+
 # --------------------------------------------------------------------------- config
 
 #: Which commands read which section (their flags are listed under it in docs/CONFIG.md).
@@ -454,6 +475,7 @@ SECTION_COMMANDS = {
     "index": [("replica index train", INDEX_TRAIN), ("replica index add", INDEX_ADD),
               ("replica index merge", INDEX_MERGE), ("replica index build", INDEX_BUILD)],
     "import": [("replica import-embeddings", IMPORT)],
+    "captions": [("replica captions", CAPTIONS)],
     "search": [("replica search", SEARCH)],
     "report": [("replica report", REPORT)],
     "pipeline": [("replica pipeline", PIPELINE)],
@@ -466,8 +488,8 @@ def reference_markdown() -> str:
 
     out = [
         "# Configuration reference", "",
-        "A config file (YAML or TOML) has one section per command: `ingest`, `embed`, `index`, `import`, `search`,",
-        "`report`, `pipeline`. Every command takes `--config FILE` and reads its own section; `replica pipeline`",
+        "A config file (YAML or TOML) has one section per command: `ingest`, `embed`, `index`, `import`,",
+        "`captions`, `search`, `report`, `pipeline`. Every command takes `--config FILE` and reads its own section; `replica pipeline`",
         "runs the sections the file has, in the order ingest, embed, import, index, search (index and search",
         "required), with its own settings in `pipeline`. Flags win over the file.", "",
         "Flags follow one rule: field `f` of a section is `--f`; field `f` of a nested section `s` is `--s-f`,",
@@ -504,5 +526,6 @@ command(app, "config", [
     click.Argument(["section"], required=False),
     click.Option(["--markdown", "markdown"], is_flag=True, default=False,
                  help="The whole reference as Markdown (docs/CONFIG.md).")], _config,
-    "Print a commented config template (SECTION: ingest, embed, index, import, search, report, pipeline; default: "
+    "Print a commented config template (SECTION: ingest, embed, index, import, captions, search, report, pipeline; "
+    "default: "
     "the sections of a `replica pipeline` run from URL lists).")
