@@ -280,6 +280,8 @@ class SearchConfig:
     output: str = ""
     #: run name; empty = a UTC timestamp
     run_id: str = ""
+    #: what this run measures (model, prompt set or mitigation setting): `replica compare` shows it
+    label: str = ""
     #: query embedder; empty name = the settings the corpus was embedded with (from the index)
     embedder: EmbedderConfig = field(default_factory=lambda: EmbedderConfig(name=""))
     s3: Storage = field(default_factory=Storage)

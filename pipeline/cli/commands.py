@@ -189,6 +189,39 @@ command(app, "report", REPORT.params(), _report,
         renamed=RENAMED_COMMON)
 
 
+def _compare(runs: tuple[str, ...], labels: tuple[str, ...], markdown: bool, parquet: str | None,
+             histogram: str | None, **kwargs: Any) -> None:
+    from pipeline.compare import compare_runs, load_runs, print_table, render_histogram, to_markdown, to_parquet
+    from pipeline.storage import Storage, write_bytes
+
+    storage = Storage(**overrides_from(kwargs, flags_of(Storage, _prefix=("s3",))).get("s3", {}))
+    comparison = compare_runs(load_runs(list(runs), storage), list(labels) or None)
+    if markdown:
+        click.echo(to_markdown(comparison), nl=False)
+    else:
+        print_table(comparison)
+    if parquet:
+        write_bytes(parquet, to_parquet(comparison), storage)
+        click.echo(f"wrote {parquet}", err=True)
+    if histogram:
+        write_bytes(histogram, render_histogram(comparison), storage)
+        click.echo(f"wrote {histogram}", err=True)
+
+
+command(app, "compare", [
+    click.Argument(["runs"], nargs=-1, required=True),
+    click.Option(["--label", "labels"], multiple=True,
+                 help="Label of each run, in the order given (default: the run's own `search --label`, else its id)."),
+    click.Option(["--markdown", "markdown"], is_flag=True, default=False, help="Print the table as Markdown."),
+    click.Option(["--parquet", "parquet"], default=None, metavar="OUT", help="Also write the table as Parquet."),
+    click.Option(["--histogram", "histogram"], default=None, metavar="OUT.png",
+                 help="Also draw the runs' top-1 similarity distributions, overlaid, as one PNG."),
+    *_storage_params()], _compare,
+    "Compare search runs (RUN: a run folder {results}/run_id={run}), one row per run: top-1 similarity mean, 95th "
+    "percentile and max per descriptor, shares >= 0.5 and >= the calibrated threshold with 95% intervals, nL2 tails, "
+    "copies found only outside the subset. A column is filled only when every run shares that descriptor.")
+
+
 # --------------------------------------------------------------------------- demo
 
 

@@ -49,6 +49,10 @@ RUN_RUNNING = "running"
 RUN_SUCCEEDED = "succeeded"
 RUN_FAILED = "failed"
 
+#: How a run's final ``score`` is made; recorded in run.json so runs scored differently are never
+#: compared as if they were alike (runs written before it was recorded are version 1).
+SCORE_VERSION = 1
+
 #: A box ``[x0, y0, x1, y1]`` in pixels of the image it refers to (x1/y1 exclusive).
 BOX = pa.list_(pa.int32(), 4)
 
@@ -157,6 +161,10 @@ class RunRecord:
     created_at: str | None = None
     seconds: float | None = None
     queries: int | None = None
+    #: what the run measures (model, prompt set, mitigation setting), from `replica search --label`
+    label: str | None = None
+    #: how `score` is made (SCORE_VERSION when written; None = before it was recorded, version 1)
+    score_version: int | None = None
     #: identity of the descriptor that made `score_exact`
     embedder: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -181,6 +189,11 @@ class RunRecord:
         if not isinstance(d, dict):
             raise MismatchError("run.json must hold a JSON object")
         return cls(**known_fields(cls, {**d, "run_id": str(d.get("run_id") or "")}))
+
+
+def score_version_of(record: RunRecord) -> int:
+    """The score version of a run (1 for runs written before it was recorded)."""
+    return int(record.score_version or 1)
 
 
 @dataclass
