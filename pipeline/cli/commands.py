@@ -217,7 +217,7 @@ command(app, "compare", [
     click.Option(["--histogram", "histogram"], default=None, metavar="OUT.png",
                  help="Also draw the runs' top-1 similarity distributions, overlaid, as one PNG."),
     *_storage_params()], _compare,
-    "Compare search runs (RUN: a run folder {results}/run_id={run}), one row per run: top-1 similarity mean, 95th "
+    "Compare search runs (RUN: a run folder, as `replica runs` lists them), one row per run: top-1 similarity mean, 95th "
     "percentile and max per descriptor, shares >= 0.5 and >= the calibrated threshold with 95% intervals, nL2 tails, "
     "copies found only outside the subset. A column is filled only when every run shares that descriptor.")
 
