@@ -129,3 +129,38 @@ def test_split_product_finds_a_moved_patch_only_in_the_cross_variant():
     assert cross > same + 0.2
     with pytest.raises(ConfigError, match="must divide"):
         split_product(base, moved, chunks=5)
+
+
+def test_second_stage_scores_each_descriptor_on_pixels(tmp_path):
+    import torch
+
+    from pipeline.second_stage import SecondStage, column_of
+
+    cfg_path, ckpt, _ = tiny_dino(tmp_path)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 16)).eval()
+    sscd_path = tmp_path / "sscd_like.torchscript.pt"
+    torch.jit.save(torch.jit.script(net), str(sscd_path))
+    configs = {"dino": EmbedderConfig(name="dino", model=ARCH, checkpoint=str(ckpt), model_config=str(cfg_path),
+                                      device="cpu"),
+               "sscd": EmbedderConfig(name="sscd", checkpoint=str(sscd_path), image_size=32, device="cpu")}
+    stage = SecondStage(["dino-split", "sscd", "dino"], configs, chunks=0, cross=True)
+    assert stage.primary.name == "dino-split" and column_of("dino-split") == "score_dino_split"
+    assert stage.descriptors[0].embedder is stage.descriptors[2].embedder  # one DINO model for both
+    query = synthetic.scene(1, (64, 48))
+    cands = [synthetic.scene(1, (64, 48)), synthetic.scene(2, (64, 48)), synthetic.scene(3, (48, 64))]
+    got = stage.scores(query, cands, regions=False)
+    dino = stage.descriptors[0].embedder
+    want_split = split_product(dino.token_images([query]), dino.token_images(cands), 0, cross=True)[0]
+    np.testing.assert_allclose(got["dino-split"], want_split, rtol=1e-5)
+    # the same picture: every token has the same norm after the final LayerNorm, so each of the 17
+    # pieces holds 1/17 of the unit vector and the best pair is a piece with itself
+    assert got["dino-split"][0] == pytest.approx(1 / 17, rel=1e-4)
+    np.testing.assert_allclose(got["dino"], dino.embed_images(cands) @ dino.embed_images([query])[0], rtol=1e-5)
+    assert got["sscd"][0] == pytest.approx(1.0, abs=1e-5)
+    ident = {d["name"]: d for d in stage.identities()}
+    assert ident["dino-split"]["identity"]["similarity"] == "split-product"
+    assert ident["dino-split"]["identity"]["chunks"] == 0 and ident["dino-split"]["identity"]["cross"] is True
+    assert ident["sscd"]["column"] == "score_sscd" and ident["sscd"]["identity"]["similarity"] == "cosine"
+    with pytest.raises(ConfigError, match="unknown second-stage descriptor"):
+        SecondStage(["dino-splitt"], configs)
