@@ -70,3 +70,13 @@ def nl2_of_images(query: Image.Image, candidates: Sequence[Image.Image], n: int 
     c = np.stack([pixels(im, size) for im in candidates])
     ref = c[:n]
     return normalized_l2(q, c, ref, alpha), len(ref)
+
+
+def nl2_of_rows(image: Image.Image, rows: list[dict], storage, top: int) -> tuple[list[float], int]:
+    """A Ray task: a query's best candidates (rows with their tar byte ranges, best first) fetched,
+    all of them standing for S(g); the nL2 of the first ``top``, and how many references there were."""
+    from pipeline.verify import load_candidate
+
+    images = [load_candidate(r["tar_url"], r["tar_offset"], r["tar_size"], storage) for r in rows]
+    scores, used = nl2_of_images(image, images, n=len(images))
+    return [float(s) for s in scores[:top]], used

@@ -35,3 +35,26 @@ def test_nl2_on_pixels_by_hand():
     scores, used = nl2_of_images(black, [grey, white], n=1)
     assert used == 1
     np.testing.assert_allclose(scores, [2.0, 10.0], rtol=1e-5)
+
+
+def test_nl2_of_rows_fetches_the_candidates_from_their_tar(tmp_path):
+    import io
+    import tarfile
+
+    from pipeline.nl2 import nl2_of_rows
+
+    colours = [(0, 0, 0), (51, 51, 51), (255, 255, 255)]
+    tar_path = tmp_path / "000000.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        for i, colour in enumerate(colours):
+            buf = io.BytesIO()
+            Image.new("RGB", (80, 80), colour).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(buf.getvalue())
+            tf.addfile(info, io.BytesIO(buf.getvalue()))
+    with tarfile.open(tar_path) as tf:
+        rows = [{"tar_url": str(tar_path), "tar_offset": m.offset_data, "tar_size": m.size} for m in tf.getmembers()]
+    query = Image.new("RGB", (64, 64), (0, 0, 0))
+    scores, used = nl2_of_rows(query, rows[1:], None, top=1)  # grey and white; nL2 of grey only
+    assert used == 2
+    np.testing.assert_allclose(scores, [0.2 / 0.3], rtol=1e-5)
