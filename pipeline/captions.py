@@ -12,7 +12,7 @@ every row), never in the driver:
 
 Normalisation (NFKC, casefold, URLs stripped, whitespace collapsed) groups captions that differ
 only in case, Unicode form, spacing or a link. Hashes are the first 8 bytes of BLAKE2b as a signed
-int64: with ~2.3 billion distinct captions, n^2 / 2^65 = 0.14 colliding pairs are expected (a
+int64: with ~4 billion distinct captions, n^2 / 2^65 = 0.5 colliding pairs are expected (a
 collision would add two captions' counts together); search joins its matches to the counts by
 these hashes, computed the same way.
 """
