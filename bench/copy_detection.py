@@ -1,58 +1,66 @@
-"""Copy-detection benchmark of the weight-free `default` descriptor against industry hashes.
+"""Copy-detection benchmark on real images: the search stage's scoring, split by split.
 
-    python bench/copy_detection.py                  # quality: all methods side by side
-    python bench/copy_detection.py --speed          # corpus-side throughput on one CPU core
-    python bench/copy_detection.py --boxes          # verification's box accuracy on pasted objects
-    python bench/copy_detection.py --quick          # small run (a few minutes) for a smoke check
+    python bench/copy_detection.py --split validation             # choose settings here
+    python bench/copy_detection.py --fit                          # fit the final-score model (fit split)
+    python bench/copy_detection.py --split test --json test.json  # report the test split, once
+    python bench/copy_detection.py --verifiers                    # keypoint methods: accuracy, CPU per pair
+    python bench/copy_detection.py --speed                        # corpus-side throughput on one core
+    python bench/copy_detection.py --embedder sscd --checkpoint sscd_disc_mixup.torchscript.pt --fit
+    python bench/copy_detection.py --embedder sscd --checkpoint ... --score-model sscd-score.json --split test
 
-Data (all offline, deterministic): references are photo tiles (scikit-image, matplotlib and
-scikit-learn sample photographs cut into distinct 128 px squares, part 0 of 3; see
-:func:`pipeline.synthetic_images.photo_tiles`) and procedural scenes; the corpus holds them plus
-procedural "other" images. Queries are edited copies of references, one edit type each
-(:data:`pipeline.synthetic_images.EDITS`, plus "paste": an object of a reference pasted into an
-unrelated scene), and distractor queries: edited images with no reference in the corpus
-(photo tiles of part 1, other procedural seeds). The descriptor's whitening was fitted on
-part 2 and on seeds >= 1,000,000: no benchmark pixel was seen by the fit.
+Data: :mod:`pipeline.devset` (photographs, icons, paintings, rendered text from pinned Debian
+packages; fetched at bench time, the sha256 of every image in ``bench/devset.sha256``). Each
+split has its own corpus (its references and other images, stored as JPEG q90 on white as
+img2dataset stores them) and its own queries: every reference copied with ``--edits-per-ref``
+edits (``pipeline.synthetic_images.EDITS`` and ``paste``: the image, through its alpha when it
+has one, pasted at 35-60% of the width of a photo or painting that is not in the corpus), and
+distractors: edits of the split's images that are not in the corpus.
 
-Metrics (DISC21 style): micro-AP over all (query, candidate, score) predictions (top 10 per
-query, distractors included), recall@1 per edit type, and recall at the score threshold
-that 99% of distractor queries' top-1 scores stay below.
+Methods: PDQ (8 dihedral variants), pHash, 32x32 grey thumbnail cosine (brute force), and the
+embedder as search scores it (functions of pipeline.search and pipeline.scoring): ``global``
+(whole image), ``+ regions`` (grid and object windows, best region per corpus image),
+``+ verification`` (the search's pool verified; rank: verified first, then similarity), and
+``final score`` (pipeline.scoring's model: what search ranks by).
 
-Methods: PDQ (pdqhash; the query is hashed in its 8 dihedral variants, min distance), pHash
-(imagehash), 32x32 grey thumbnail cosine, and the default descriptor: global only, with the
-query-side multi-region search (max over regions per corpus key), and with local-feature
-verification (pipeline.verify) of the pool ``pipeline.search`` verifies: the best 10, then up
-to 20 images that head (top 3) some region's own list; verified pairs get the verification
-score added, so they rank first.
+Metrics (DISC21 style): micro-AP over (query, candidate, score) of the top 10, distractors
+included; recall@1 per edit and per category; recall at the threshold that 99% of distractor
+queries' top-1 scores stay below; candidate-generation recall (the reference is in the pool
+verification sees) apart from verification (verified, given it is there).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-if "--speed" in sys.argv:  # one core, one thread: set before numpy/cv2 load their pools
+if "--speed" in sys.argv or "--verifiers" in sys.argv:  # one thread: set before numpy/cv2 load
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
         os.environ[var] = "1"
 
 import argparse  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
+import pickle  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from pipeline import devset  # noqa: E402
+from pipeline import scoring  # noqa: E402
 from pipeline import synthetic_images as synthetic  # noqa: E402
-from pipeline.embedders.default import DefaultDescriptor  # noqa: E402
-from pipeline.embedders.default_fit import PHOTO_PARTS, PHOTO_TILE  # noqa: E402
+from pipeline.config import EmbedderConfig  # noqa: E402
+from pipeline.layout.devset import MANIFEST  # noqa: E402
+from pipeline.search import Candidate, best_per_corpus_image, verification_pool  # noqa: E402
 
 TOP_K = 10
-CORPUS_PART, DISTRACTOR_PART = 0, 1
-REF_SEED0, OTHER_SEED0, DISTRACTOR_SEED0, SCENE_SEED0 = 0, 100_000, 500_000, 700_000
+CANDIDATES = 100  # per query region, as SearchConfig.candidates
+VERIFY_TOP = 10  # as SearchConfig.verify_top
+QUERY_EDITS = (*synthetic.EDITS, "paste")
 
 
 # ------------------------------------------------------------------------------------------
@@ -62,12 +70,14 @@ REF_SEED0, OTHER_SEED0, DISTRACTOR_SEED0, SCENE_SEED0 = 0, 100_000, 500_000, 700
 
 @dataclass
 class Dataset:
-    corpus_jpeg: list[bytes]  # corpus images as stored (JPEG q90)
-    corpus_names: list[str]
+    split: str
+    corpus_jpeg: list[bytes]
+    corpus_category: list[str]
     queries: list[Image.Image]
-    query_edit: list[str]  # edit name, "distractor" for queries without a reference
+    query_edit: list[str]
+    query_category: list[str]
     query_gt: np.ndarray  # corpus index of the reference, -1 for distractors
-    paste_box: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
+    paste_box: dict[int, tuple] = field(default_factory=dict)
 
     def corpus_image(self, i: int) -> Image.Image:
         return Image.open(io.BytesIO(self.corpus_jpeg[i]))
@@ -75,60 +85,56 @@ class Dataset:
 
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    devset.flatten(image).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def _scene(seed: int, rng: np.random.Generator) -> Image.Image:
-    return synthetic.scene(seed, (int(rng.integers(280, 440)), int(rng.integers(220, 360))))
-
-
-def build_dataset(n_scene_refs: int, n_other: int, per_edit: int, n_distractors: int, seed: int = 0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    photo_refs = synthetic.photo_tiles(PHOTO_TILE, PHOTO_PARTS, CORPUS_PART)
-    photo_distractors = synthetic.photo_tiles(PHOTO_TILE, PHOTO_PARTS, DISTRACTOR_PART)
-    refs = [(n, im) for n, im in photo_refs]
-    refs += [(f"scene:{s}", _scene(s, rng)) for s in range(REF_SEED0, REF_SEED0 + n_scene_refs)]
-    others = [(f"scene:{s}", _scene(s, rng)) for s in range(OTHER_SEED0, OTHER_SEED0 + n_other)]
+def build_split(items: list[devset.Item], split: str, edits_per_ref: int, distractor_edits: int,
+                limit: int = 0, seed: int = 0) -> Dataset:
+    """One split's corpus and queries (deterministic for the items and the seed)."""
+    rng = np.random.default_rng(seed + {"fit": 0, "validation": 1, "test": 2}[split])
+    mine = [it for it in items if it.split == split]
+    if limit and limit < len(mine):  # evenly over the list, so every category stays
+        mine = [mine[int(k)] for k in np.linspace(0, len(mine) - 1, limit).round()]
+    refs = [it for it in mine if it.role == "reference"]
+    others = [it for it in mine if it.role == "other"]
+    distractors = [it for it in mine if it.role == "distractor"]
     corpus = refs + others
-    corpus_jpeg = [_jpeg(im) for _, im in corpus]
-    ref_images = [Image.open(io.BytesIO(b)).convert("RGB") for b in corpus_jpeg[: len(refs)]]
+    originals = [it.image() for it in corpus]
+    # Paste backgrounds: photographs and paintings of this split that are not in the corpus.
+    scenes = [devset.flatten(it.image()) for it in distractors if it.category in ("photo", "art")]
+    scenes = [s for s in scenes if min(s.size) >= 200] or [synthetic.scene(9_000_000 + k, (448, 336)) for k in range(8)]
+    queries, edits, cats, gts, boxes = [], [], [], [], {}
 
-    queries, edits, gts, boxes = [], [], [], {}
-    n_photo = len(photo_refs)
-    for name in [*synthetic.EDITS, "paste"]:
-        # Half the queries of each edit come from photos (when there are photos), half from scenes.
-        pick_photo = rng.choice(n_photo, size=min(n_photo, per_edit // 2), replace=False) if n_photo else []
-        pick_scene = n_photo + rng.choice(len(refs) - n_photo, size=per_edit - len(pick_photo), replace=False)
-        for r in [*pick_photo, *pick_scene]:
-            r = int(r)
-            if name == "paste":
-                if photo_distractors and rng.random() < 0.5:
-                    dst = photo_distractors[int(rng.integers(len(photo_distractors)))][1].resize((384, 384), Image.BICUBIC)
-                else:
-                    dst = synthetic.scene(SCENE_SEED0 + len(queries), (448, 336))
-                q, box = synthetic.paste_object(ref_images[r], dst, rng)
-                boxes[len(queries)] = box
-            else:
-                q = synthetic.EDITS[name](ref_images[r], rng)
-            queries.append(q)
+    def make(image: Image.Image, name: str) -> Image.Image:
+        if name == "paste":
+            bg = scenes[int(rng.integers(len(scenes)))]
+            q, box = synthetic.paste_object(image, bg, rng, min_width=0.35, max_width=0.6)
+            boxes[len(queries)] = box
+            return q
+        return synthetic.EDITS[name](devset.flatten(image), rng)
+
+    for r, it in enumerate(refs):
+        for k in range(edits_per_ref):
+            name = QUERY_EDITS[(r * edits_per_ref + k) % len(QUERY_EDITS)]
+            queries.append(make(originals[r], name))
             edits.append(name)
+            cats.append(it.category)
             gts.append(r)
-    # Distractors: edited images whose source is not in the corpus.
-    names = list(synthetic.EDITS)
-    for k in range(n_distractors):
-        if photo_distractors and k % 2 == 0:
-            src = photo_distractors[(k // 2) % len(photo_distractors)][1]
-        else:
-            src = _scene(DISTRACTOR_SEED0 + k, rng)
-        queries.append(synthetic.EDITS[names[int(rng.integers(len(names)))]](src, rng))
-        edits.append("distractor")
-        gts.append(-1)
-    return Dataset(corpus_jpeg, [n for n, _ in corpus], queries, edits, np.asarray(gts), boxes)
+    for it in distractors:
+        image = it.image()
+        for _ in range(distractor_edits):
+            name = QUERY_EDITS[int(rng.integers(len(QUERY_EDITS)))]
+            queries.append(make(image, name))
+            edits.append("distractor")
+            cats.append(it.category)
+            gts.append(-1)
+    return Dataset(split, [_jpeg(im) for im in originals], [it.category for it in corpus], queries, edits, cats,
+                   np.asarray(gts), boxes)
 
 
 # ------------------------------------------------------------------------------------------
-# Methods: each returns (ids (nq, k), scores (nq, k)), best first
+# Baselines: each returns (ids (nq, k), scores (nq, k)), best first
 # ------------------------------------------------------------------------------------------
 
 
@@ -144,7 +150,7 @@ def _bits_to_pm1(bits: np.ndarray) -> np.ndarray:
     return bits.astype(np.float32) * 2 - 1
 
 
-def run_pdq(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+def run_pdq(ds: Dataset):
     import pdqhash
 
     corpus = np.stack([_bits_to_pm1(pdqhash.compute(np.asarray(ds.corpus_image(i).convert("RGB")))[0])
@@ -152,20 +158,18 @@ def run_pdq(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     sims = []
     for q in ds.queries:
         variants = np.stack([_bits_to_pm1(h) for h in pdqhash.compute_dihedral(np.asarray(q.convert("RGB")))[0]])
-        # dot of +-1 vectors = 256 - 2 * hamming: score = 1 - hamming / 256
-        sims.append(((variants @ corpus.T).max(axis=0) + 256) / 512)
+        sims.append(((variants @ corpus.T).max(axis=0) + 256) / 512)  # 1 - hamming / 256
     return _topk(np.stack(sims), TOP_K)
 
 
-def run_phash(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+def run_phash(ds: Dataset):
     import imagehash
 
     def h(im):
         return _bits_to_pm1(imagehash.phash(im).hash.reshape(-1))
 
     corpus = np.stack([h(ds.corpus_image(i)) for i in range(len(ds.corpus_jpeg))])
-    qs = np.stack([h(q) for q in ds.queries])
-    return _topk((qs @ corpus.T + 64) / 128, TOP_K)
+    return _topk((np.stack([h(q) for q in ds.queries]) @ corpus.T + 64) / 128, TOP_K)
 
 
 def _thumb(im: Image.Image) -> np.ndarray:
@@ -174,119 +178,135 @@ def _thumb(im: Image.Image) -> np.ndarray:
     return t / (np.linalg.norm(t) + 1e-6)
 
 
-def run_thumb(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+def run_thumb(ds: Dataset):
     corpus = np.stack([_thumb(ds.corpus_image(i)) for i in range(len(ds.corpus_jpeg))])
-    qs = np.stack([_thumb(q) for q in ds.queries])
-    return _topk(qs @ corpus.T, TOP_K)
+    return _topk(np.stack([_thumb(q) for q in ds.queries]) @ corpus.T, TOP_K)
 
 
-def corpus_vectors(ds: Dataset, emb: DefaultDescriptor, batch: int = 256) -> np.ndarray:
+# ------------------------------------------------------------------------------------------
+# The embedder as search scores it
+# ------------------------------------------------------------------------------------------
+
+
+def corpus_vectors(ds: Dataset, emb, batch: int = 128) -> np.ndarray:
     out = []
     for i in range(0, len(ds.corpus_jpeg), batch):
-        arr = np.stack([emb.preprocess(ds.corpus_image(j)) for j in range(i, min(i + batch, len(ds.corpus_jpeg)))])
-        out.append(emb.embed(arr))
-    # Stored as float16 by the embed stage: score what the index will see.
-    return np.concatenate(out).astype(np.float16).astype(np.float32)
+        out.append(emb.embed(np.stack([emb.preprocess(ds.corpus_image(j))
+                                       for j in range(i, min(i + batch, len(ds.corpus_jpeg)))])))
+    return np.concatenate(out).astype(np.float16).astype(np.float32)  # stored as float16
 
 
-def run_global(ds: Dataset, emb: DefaultDescriptor, corpus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    qs = emb.embed_images(ds.queries)
-    return _topk(qs @ corpus.T, TOP_K)
-
-
-def run_regions(ds: Dataset, emb: DefaultDescriptor, corpus: np.ndarray, k: int = TOP_K, heads: int = 3):
-    """Every region of a query searched; a corpus image's score is its best over the regions.
-    Also returns each query's verification pool, chosen the way ``pipeline.search`` does: the
-    best ``k`` by score, then up to ``2k`` images in the first ``heads`` of some region's list
-    (an object pasted into a new scene ranks high in its own region but may score low overall)."""
-    sims, pools = [], []
+def candidates(ds: Dataset, emb, corpus: np.ndarray, regions: bool) -> tuple[list[list[Candidate]], list[list]]:
+    """Per query: search's merged candidates (best region per corpus image), best similarity first,
+    and the query's region boxes."""
+    out, all_boxes = [], []
     for q in ds.queries:
-        vecs, _ = emb.embed_regions(q)
-        s = vecs @ corpus.T
-        best = s.max(axis=0)  # merge regions per corpus key: max
-        sims.append(best)
-        top = np.argsort(-best, kind="stable")[:k]
-        head = np.argsort(-s, axis=1, kind="stable")[:, :heads]  # (regions, heads)
-        rank = {}
-        for r in range(head.shape[0]):
-            for j, i in enumerate(head[r], 1):
-                rank[int(i)] = min(rank.get(int(i), heads + 1), j)
-        rest = sorted((i for i in rank if i not in set(top.tolist())), key=lambda i: (rank[i], -best[i]))[: 2 * k]
-        pool = [int(i) for i in top] + rest
-        pools.append((np.array(pool), best[pool]))
-    ids, scores = _topk(np.stack(sims), k)
-    return ids, scores, pools
+        vecs, boxes = emb.embed_regions(q) if regions else (emb.embed_images([q]), [(0, 0, q.width, q.height)])
+        sims = vecs @ corpus.T
+        ids, scores = _topk(sims, CANDIDATES)
+        found = best_per_corpus_image(np.zeros(len(vecs), int), scores, ids, scores, ids, 1)[0]
+        out.append(sorted(found.values(), key=lambda c: (-c.score_exact, c.id)))
+        all_boxes.append(boxes)
+    return out, all_boxes
+
+
+def _ids_scores(ranked: list[list[Candidate]], key) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(ranked), TOP_K), -2, np.int64)  # -2: no candidate, never a reference
+    scores = np.full((len(ranked), TOP_K), -np.inf)
+    for qi, cands in enumerate(ranked):
+        for j, c in enumerate(cands[:TOP_K]):
+            ids[qi, j], scores[qi, j] = c.id, key(c)
+    return ids, scores
 
 
 _WORKER: dict = {}
 
 
-def _verify_init(ds: Dataset) -> None:
+def _verify_init(corpus_jpeg: list[bytes], method: str) -> None:
     import cv2
 
     from pipeline.verify import Verifier
 
     cv2.setNumThreads(1)
-    _WORKER.update(ds=ds, verifier=Verifier(), cache={})
+    _WORKER.update(corpus=corpus_jpeg, verifier=Verifier(method=method), cache={})
 
 
-def _verify_query(args: tuple[int, list[int]]) -> tuple[list[tuple[int, float]], dict]:
-    """Verify one query against its candidates. CPU seconds are measured per step; candidate
-    features are cached per worker (a corpus image is often a candidate of several queries),
-    and the time to compute them is counted once per image, as in a search without a cache."""
-    qi, cands = args
-    ds, v, cache = _WORKER["ds"], _WORKER["verifier"], _WORKER["cache"]
-    t = {"query_features": 0.0, "candidate_features": [], "match": []}
+def _verify_query(args) -> tuple[list[tuple], dict]:
+    """One query against its pool, as search's verification task does; CPU seconds per step
+    (candidate features cached per worker, their cost counted once per image)."""
+    query, pool = args
+    v, cache = _WORKER["verifier"], _WORKER["cache"]
     t0 = time.process_time()
-    qf = v.features(ds.queries[qi], query=True)
-    t["query_features"] = time.process_time() - t0
+    qf = v.features(query, query=True)
+    t = {"query_features": time.process_time() - t0, "candidate_features": [], "match": []}
     out = []
-    for c in cands:
+    for c in pool:
         if c not in cache:
             t0 = time.process_time()
-            cache[c] = v.features(ds.corpus_image(c).convert("RGB"))
+            im = devset.flatten(Image.open(io.BytesIO(_WORKER["corpus"][c])))
+            cache[c] = (v.features(im), im.size)
             t["candidate_features"].append(time.process_time() - t0)
         t0 = time.process_time()
-        r = v.verify(qf, cache[c])
+        r = v.verify(qf, cache[c][0])
         t["match"].append(time.process_time() - t0)
-        out.append((r.inliers, r.score))
+        out.append((r.inliers, r.matches, r.score, r.query_box, r.candidate_box, cache[c][1]))
     return out, t
 
 
-def run_verified(ds: Dataset, pools: list[tuple[np.ndarray, np.ndarray]], workers: int, k: int = TOP_K):
-    """Verify each query's pool; new score = descriptor score + verification score (0 when not
-    verified, so every verified pair ranks above every unverified one), as ``pipeline.search``
-    ranks. Returns the new top ``k``."""
-    t0 = time.perf_counter()
-    jobs = [(qi, [int(c) for c in pool]) for qi, (pool, _) in enumerate(pools)]
-    with ProcessPoolExecutor(workers, initializer=_verify_init, initargs=(ds,)) as ex:
-        results = list(ex.map(_verify_query, jobs, chunksize=8))
-    ids = np.full((len(pools), k), -2, dtype=np.int64)  # -2: no candidate (never a reference)
-    new = np.full((len(pools), k), -np.inf)
-    qf_s, cf_s, m_s, sizes = [], [], [], []
-    for qi, (res, t) in enumerate(results):
-        qf_s.append(t["query_features"])
-        cf_s += t["candidate_features"]
-        m_s += t["match"]
-        pool, base = pools[qi]
+def verify_pools(ds: Dataset, cands: list[list[Candidate]], method: str, workers: int, cache_file: Path | None):
+    """Verify each query's search pool (pipeline.search.verification_pool), in place. Results are
+    cached on disk per (split, method, pools): rerunning the scoring costs no verification."""
+    pools = [verification_pool(c, VERIFY_TOP) for c in cands]
+    key = [(qi, tuple(c.id for c in p)) for qi, p in enumerate(pools)]
+    cached = None
+    if cache_file and cache_file.exists():
+        cached = pickle.loads(cache_file.read_bytes())
+        if cached["key"] != key:
+            cached = None
+    if cached is None:
+        t0 = time.perf_counter()
+        with ProcessPoolExecutor(workers, initializer=_verify_init, initargs=(ds.corpus_jpeg, method)) as ex:
+            results = list(ex.map(_verify_query, [(ds.queries[qi], [c.id for c in p]) for qi, p in enumerate(pools)],
+                                  chunksize=4))
+        cached = {"key": key, "results": results, "wall_s": time.perf_counter() - t0}
+        if cache_file:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            cache_file.write_bytes(pickle.dumps(cached))
+    qf, cf, mt, sizes = [], [], [], []
+    for pool, (res, t) in zip(pools, cached["results"]):
+        for c, (inliers, matches, score, qbox, cbox, size) in zip(pool, res):
+            c.inliers, c.matches, c.verify_score, c.query_box, c.match_box = inliers, matches, score, qbox, cbox
+            c.candidate_size = size
+        qf.append(t["query_features"])
+        cf += t["candidate_features"]
+        mt += t["match"]
         sizes.append(len(pool))
-        combined = base.astype(np.float64) + np.array([v for _, v in res])
-        order = np.argsort(-combined, kind="stable")[:k]
-        ids[qi, : len(order)], new[qi, : len(order)] = pool[order], combined[order]
-    pair = np.mean(cf_s) + np.asarray(m_s)
-    stats = {
-        "queries": len(jobs),
-        "pairs": len(m_s),
-        "pool_mean": round(float(np.mean(sizes)), 1),
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "query_features_cpu_ms": round(1000 * float(np.mean(qf_s)), 1),
-        "candidate_features_cpu_ms": round(1000 * float(np.mean(cf_s)), 1),
-        "match_ransac_box_cpu_ms": round(1000 * float(np.mean(m_s)), 1),
-        "pair_cpu_ms_mean": round(1000 * float(pair.mean()), 1),
-        "pair_cpu_ms_p99": round(1000 * float(np.percentile(pair, 99)), 1),
-        "match_cpu_ms_max": round(1000 * float(np.max(m_s)), 1),
+    per_query = np.asarray(qf) + np.asarray([np.mean(cf) * n for n in sizes]) + \
+        np.asarray([sum(t["match"]) for _, t in cached["results"]])
+    return pools, {
+        "method": method, "queries": len(pools), "pairs": len(mt), "pool_mean": round(float(np.mean(sizes)), 1),
+        "query_features_cpu_ms": round(1000 * float(np.mean(qf)), 1),
+        "candidate_features_cpu_ms": round(1000 * float(np.mean(cf)), 1),
+        "match_cpu_ms": round(1000 * float(np.mean(mt)), 1),
+        "cpu_s_per_query_mean": round(float(per_query.mean()), 3),
+        "cpu_s_per_query_p95": round(float(np.percentile(per_query, 95)), 3),
     }
-    return ids, new, stats
+
+
+def final_ranking(ds: Dataset, cands, boxes, model: scoring.ScoreModel) -> list[list[Candidate]]:
+    return [scoring.rank(list(c), model, q.size, b) for c, q, b in zip(cands, ds.queries, boxes)]
+
+
+def fit_rows(ds: Dataset, cands, boxes, depth: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows of the score model: every query's best ``depth`` candidates and its
+    verified pool, labelled 1 for the reference."""
+    xs, ys = [], []
+    for qi, (c, q, b) in enumerate(zip(cands, ds.queries, boxes)):
+        x = scoring.features(c, q.size, b)
+        keep = np.array([j < depth or cc.verify_score is not None for j, cc in enumerate(c)], bool)
+        xs.append(x[keep])
+        ys.append(np.array([cc.id == ds.query_gt[qi] for cc in c], float)[keep])
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 # ------------------------------------------------------------------------------------------
@@ -296,200 +316,276 @@ def run_verified(ds: Dataset, pools: list[tuple[np.ndarray, np.ndarray]], worker
 
 def micro_ap(ids: np.ndarray, scores: np.ndarray, gt: np.ndarray, seed: int = 0) -> float:
     """Area under the precision-recall curve of all predictions (DISC21 micro-AP)."""
-    nq, k = ids.shape
     correct = (ids == gt[:, None]).reshape(-1)
     s = scores.reshape(-1).astype(np.float64)
-    # Random tie-break: discrete-score hashes get the expected value, not a lucky order.
-    perm = np.random.default_rng(seed).permutation(len(s))
+    perm = np.random.default_rng(seed).permutation(len(s))  # random tie-break (hashes tie a lot)
     order = perm[np.argsort(-s[perm], kind="stable")]
     tp = np.cumsum(correct[order])
     precision = tp / np.arange(1, len(order) + 1)
     n_pos = int((gt >= 0).sum())
-    return float((precision * correct[order]).sum() / n_pos)
+    return float((precision * correct[order]).sum() / max(n_pos, 1))
 
 
-def evaluate(ids: np.ndarray, scores: np.ndarray, ds: Dataset) -> dict:
-    gt = ds.query_gt
-    edits = np.asarray(ds.query_edit)
+def evaluate(ids: np.ndarray, scores: np.ndarray, ds: Dataset, per_category: bool = True) -> dict:
+    gt, edits, cats = ds.query_gt, np.asarray(ds.query_edit), np.asarray(ds.query_category)
     top1 = ids[:, 0] == gt
-    out = {"micro_ap": round(micro_ap(ids, scores, gt), 4)}
-    # The same over the geometric edits only (what hashes are known to miss), distractors kept.
-    geo = np.isin(edits, ["crop", "rotate", "combo", "paste", "distractor"])
-    out["micro_ap geometric"] = round(micro_ap(ids[geo], scores[geo], gt[geo]), 4)
     pos = gt >= 0
-    out["recall@1"] = round(float(top1[pos].mean()), 4)
-    for name in dict.fromkeys(ds.query_edit):
-        if name != "distractor":
-            out[f"r@1 {name}"] = round(float(top1[edits == name].mean()), 4)
-    thr = float(np.percentile(scores[~pos, 0], 99))
+    out = {"micro_ap": round(micro_ap(ids, scores, gt), 4), "recall@1": round(float(top1[pos].mean()), 4)}
+    for name in QUERY_EDITS:
+        if (edits == name).any():
+            out[f"r@1 {name}"] = round(float(top1[edits == name].mean()), 3)
+    finite = np.where(np.isfinite(scores[~pos, 0]), scores[~pos, 0], -1e9)
+    thr = float(np.percentile(finite, 99)) if len(finite) else float("inf")
     hit = ((ids == gt[:, None]) & (scores > thr)).any(axis=1)
     out["thr@99%distr"] = round(thr, 4)
     out["recall@thr"] = round(float(hit[pos].mean()), 4)
+    if per_category:
+        for cat in devset.CATEGORIES:
+            m = cats == cat
+            if (m & pos).any():
+                out[f"{cat}: micro_ap"] = round(micro_ap(ids[m], scores[m], gt[m]), 3)
+                out[f"{cat}: r@1"] = round(float(top1[m & pos].mean()), 3)
     return out
 
 
-# ------------------------------------------------------------------------------------------
-# Speed (corpus side, one core)
-# ------------------------------------------------------------------------------------------
-
-
-def speed(n: int = 2000, batch: int = 64) -> dict:
-    import cv2
-
-    cv2.setNumThreads(1)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    rng = np.random.default_rng(1)
-    photos = synthetic.photo_tiles(PHOTO_TILE, PHOTO_PARTS, CORPUS_PART, out_short=None)
-    blobs = []
-    for i in range(256):
-        if photos and i % 2 == 0:
-            im = photos[(i // 2) % len(photos)][1].resize((400, 400), Image.BICUBIC)
-        else:
-            im = synthetic.scene(900_000 + i, (400, 300))
-        blobs.append(_jpeg(im, quality=int(rng.integers(75, 96))))
-    emb = DefaultDescriptor()
-    emb.embed(np.stack([emb.preprocess(Image.open(io.BytesIO(blobs[0])))] * batch))  # warm up
-    # CPU time of this (single-threaded, single-core) process: other work on the machine does
-    # not inflate it; wall time is reported beside it.
-    t_pre = t_emb = 0.0
-    done = 0
-    wall0 = time.perf_counter()
-    while done < n:
-        t0 = time.process_time()
-        arr = np.stack([emb.preprocess(Image.open(io.BytesIO(blobs[(done + j) % len(blobs)]))) for j in range(batch)])
-        t1 = time.process_time()
-        emb.embed(arr)
-        t2 = time.process_time()
-        t_pre += t1 - t0
-        t_emb += t2 - t1
-        done += batch
-    wall = time.perf_counter() - wall0
-    w, h = Image.open(io.BytesIO(blobs[1])).size
-    t0 = time.process_time()
-    n_q = 20
-    for i in range(n_q):
-        emb.embed_regions(synthetic.scene(910_000 + i, (512, 384)))
-    t_regions = time.process_time() - t0
-    return {
-        "images": done,
-        "jpeg_example_size": f"{w}x{h}",
-        "jpeg_bytes_mean": int(np.mean([len(b) for b in blobs])),
-        "decode+preprocess_cpu_ms_per_image": round(1000 * t_pre / done, 3),
-        "embed_cpu_ms_per_image": round(1000 * t_emb / done, 3),
-        "images_per_cpu_second": round(done / (t_pre + t_emb), 1),
-        "images_per_wall_second": round(done / wall, 1),
-        "query_regions_per_query": len(emb.embed_regions(synthetic.scene(1, (512, 384)))[1]),
-        "query_regions_cpu_ms_per_query_512x384": round(1000 * t_regions / n_q, 1),
-    }
-
-
-def box_accuracy(n: int = 100) -> dict:
-    """Pasted objects verified against their reference: how well ``query_box`` finds the paste."""
-    from pipeline.verify import Verifier
-
-    def iou(a, b):
-        x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-        inter = max(0, x1 - x0) * max(0, y1 - y0)
-        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
-
-    ds = build_dataset(320, 0, n, 0)
+def generation_recall(ds: Dataset, pools, cands) -> dict:
+    """Per edit: the reference among the candidates at all, in the verification pool, and
+    verified when it is there (verification's own accuracy, apart from candidate generation)."""
     out = {}
-    for refine in (True, False):
-        v, ious, verified = Verifier(refine_box=refine), [], 0
-        for q in [i for i, e in enumerate(ds.query_edit) if e == "paste"]:
-            r = v.verify(ds.queries[q], ds.corpus_image(int(ds.query_gt[q])).convert("RGB"))
-            if r.verified:
-                verified += 1
-                ious.append(iou(r.query_box, ds.paste_box[q]))
-        key = "agreement box" if refine else "inliers' box"
-        out[key] = {"pairs": n, "verified": verified, "iou_p10": round(float(np.percentile(ious, 10)), 3),
-                    "iou_median": round(float(np.median(ious)), 3),
-                    "share_iou>=0.5": round(float(np.mean(np.array(ious) >= 0.5)), 3)}
+    edits = np.asarray(ds.query_edit)
+    for name in QUERY_EDITS:
+        idx = np.nonzero(edits == name)[0]
+        if not len(idx):
+            continue
+        found = [any(c.id == ds.query_gt[q] for c in cands[q]) for q in idx]
+        in_pool = [next((c for c in pools[q] if c.id == ds.query_gt[q]), None) for q in idx]
+        verified = [c is not None and bool(c.verify_score) for c in in_pool]
+        n_pool = sum(c is not None for c in in_pool)
+        out[name] = {"candidates": round(float(np.mean(found)), 3), "pool": round(n_pool / len(idx), 3),
+                     "verified_given_pool": round(sum(verified) / max(n_pool, 1), 3)}
+    distractor = np.nonzero(edits == "distractor")[0]
+    out["distractor: any pool member verified"] = round(float(np.mean([any(bool(c.verify_score) for c in pools[q])
+                                                                       for q in distractor])), 3)
     return out
 
 
 # ------------------------------------------------------------------------------------------
+# Runs
+# ------------------------------------------------------------------------------------------
 
 
-def _table(results: dict[str, dict]) -> str:
-    cols = list(next(iter(results.values())).keys())
-    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+def build_embedder(args):
+    from pipeline.embedders import build_embedder as build
+
+    cfg = EmbedderConfig(name=args.embedder, checkpoint=args.checkpoint, model=args.model,
+                         pretrained=args.pretrained, device="cpu", query_object_regions=args.object_regions)
+    return build(cfg)
+
+
+def run_split(args, items, model: scoring.ScoreModel | None) -> dict:
+    t0 = time.perf_counter()
+    ds = build_split(items, args.split, args.edits_per_ref, args.distractor_edits, args.limit)
+    n_pos = int((ds.query_gt >= 0).sum())
+    counts = {c: ds.corpus_category.count(c) for c in devset.CATEGORIES}
+    print(f"{args.split}: corpus {len(ds.corpus_jpeg)} {counts}, {n_pos} copy queries, "
+          f"{len(ds.queries) - n_pos} distractor queries ({time.perf_counter() - t0:.0f}s)", flush=True)
+    results: dict[str, dict] = {}
+
+    def record(name, ids_scores):
+        results[name] = evaluate(*ids_scores, ds)
+        print(name, json.dumps(results[name]), flush=True)
+
+    if not args.no_hashes:
+        record("PDQ (8 dihedral)", run_pdq(ds))
+        record("pHash", run_phash(ds))
+        record("thumb32 cosine", run_thumb(ds))
+    emb = build_embedder(args)
+    corpus = corpus_vectors(ds, emb)
+    glob, _ = candidates(ds, emb, corpus, regions=False)
+    record(f"{emb.name}: global", _ids_scores(glob, lambda c: c.score_exact))
+    cands, boxes = candidates(ds, emb, corpus, regions=True)
+    record(f"{emb.name}: + regions", _ids_scores(cands, lambda c: c.score_exact))
+    out = {"split": args.split, "corpus": len(ds.corpus_jpeg), "corpus_by_category": counts, "copy_queries": n_pos,
+           "distractor_queries": len(ds.queries) - n_pos, "identity": emb.identity(), "results": results}
+    if args.no_verify:
+        out["generation_recall"] = generation_recall(ds, [verification_pool(c, VERIFY_TOP) for c in cands], cands)
+        out["fit_rows"] = None
+        return out
+    cache = Path(args.cache) / "verify" / (f"{args.split}-{args.method}-{emb.identity()['weights'][-12:]}"
+                                           f"-o{args.object_regions}-l{args.limit}.pkl")
+    pools, vstats = verify_pools(ds, cands, args.method, args.workers, cache)
+    by_evidence = [sorted(c, key=lambda c: (-bool(c.verify_score), -(c.verify_score or 0) - c.score_exact)) for c in cands]
+    record(f"{emb.name}: + verification", _ids_scores(by_evidence, lambda c: (c.verify_score or 0) + c.score_exact))
+    out["verification"] = vstats
+    out["generation_recall"] = generation_recall(ds, pools, cands)
+    if model is not None:
+        ranked = final_ranking(ds, cands, boxes, model)
+        record(f"{emb.name}: final score", _ids_scores(ranked, lambda c: c.score))
+        out["score_model"] = model.identity()
+    out["fit_rows"] = fit_rows(ds, cands, boxes)
+    return out
+
+
+def table(results: dict[str, dict], keys: list[str]) -> str:
+    lines = ["| method | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--speed", action="store_true", help="measure corpus-side throughput on one core and exit")
-    ap.add_argument("--boxes", action="store_true", help="measure verification's box accuracy on pasted objects and exit")
-    ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    ap.add_argument("--scene-refs", type=int, default=320)
-    ap.add_argument("--others", type=int, default=1600, help="corpus images no query copies")
-    ap.add_argument("--per-edit", type=int, default=100)
-    ap.add_argument("--distractors", type=int, default=600)
-    ap.add_argument("--region-heads", type=int, default=3,
-                    help="verify also images among the first N of some region's list (as search does)")
+    ap.add_argument("--split", choices=devset.SPLITS, default="validation")
+    ap.add_argument("--fit", action="store_true", help="fit the final-score model on the fit split and save it")
+    ap.add_argument("--score-model", help="score model file to evaluate (default: the shipped one for the embedder)")
+    ap.add_argument("--out", help="where --fit writes the model (default: the shipped file for the default embedder)")
+    ap.add_argument("--embedder", default="default", choices=("default", "sscd", "open_clip"))
+    ap.add_argument("--checkpoint", help="weights file of the embedder (SSCD TorchScript, open_clip checkpoint)")
+    ap.add_argument("--model", help="open_clip architecture")
+    ap.add_argument("--pretrained", help="open_clip pretrained tag")
+    ap.add_argument("--method", default=None, help="verification keypoints (default: pipeline.verify.DEFAULT_METHOD)")
+    ap.add_argument("--edits-per-ref", type=int, default=3)
+    ap.add_argument("--distractor-edits", type=int, default=2)
+    ap.add_argument("--limit", type=int, default=0, help="use at most this many images of the split (quick runs)")
+    ap.add_argument("--quick", action="store_true", help="--limit 150 --no-hashes")
+    ap.add_argument("--no-hashes", action="store_true", help="skip PDQ, pHash and the thumbnail")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--json", help="write the results here as JSON")
+    ap.add_argument("--no-verify", action="store_true", help="descriptor only: global and regions")
+    ap.add_argument("--object-regions", type=int, default=EmbedderConfig().query_object_regions,
+                    help="object-centred query windows besides the grid (embedder.query_object_regions)")
+    ap.add_argument("--cache", default="/tmp/replica-devset", help="package cache and verification results")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--speed", action="store_true", help="corpus-side throughput on one core, then exit")
+    ap.add_argument("--verifiers", action="store_true", help="compare keypoint methods on validation pairs, then exit")
     args = ap.parse_args()
-    if args.speed:
-        print(json.dumps(speed(), indent=2))
-        return
-    if args.boxes:
-        print(json.dumps(box_accuracy(), indent=2))
-        return
+    from pipeline.verify import DEFAULT_METHOD
+
+    args.method = args.method or DEFAULT_METHOD
     if args.quick:
-        args.scene_refs, args.others, args.per_edit, args.distractors = 60, 200, 20, 100
-    t0 = time.perf_counter()
-    ds = build_dataset(args.scene_refs, args.others, args.per_edit, args.distractors)
-    n_pos = int((ds.query_gt >= 0).sum())
-    print(f"corpus {len(ds.corpus_jpeg)} images, {n_pos} copy queries, "
-          f"{len(ds.queries) - n_pos} distractor queries (built in {time.perf_counter() - t0:.0f}s)")
-    results: dict[str, dict] = {}
-    timings: dict[str, float] = {}
+        args.limit, args.no_hashes = args.limit or 150, True
+    items = devset.load(args.cache, MANIFEST)
+    if args.speed:
+        print(json.dumps(speed(items), indent=2))
+        return
+    if args.verifiers:
+        print(json.dumps(compare_verifiers(items, args), indent=2))
+        return
+    if args.fit:
+        args.split = "fit"
+        out = run_split(args, items, None)
+        x, y = out.pop("fit_rows")
+        w, b, mean, std = scoring.fit(x, y)
+        emb_identity = out["identity"]
+        model = scoring.ScoreModel(weights=w.round(6).tolist(), bias=round(b, 6), mean=mean.round(6).tolist(),
+                                   std=std.round(6).tolist(), fitted_for=scoring.fitted_for(emb_identity, args.method),
+                                   meta={"fitted": True, "data": "development benchmark, fit split (pipeline.devset)",
+                                         "rows": int(len(y)), "positives": int(y.sum()),
+                                         "queries": out["copy_queries"] + out["distractor_queries"]})
+        path = args.out or str(Path(scoring.__file__).parent / "embedders" / "data" / f"score-{emb_identity['model']}.json")
+        Path(path).write_bytes(model.to_bytes())
+        print(f"wrote {path} sha256:{model.sha256}")
+        print(json.dumps(dict(zip(scoring.FEATURES, model.weights)), indent=1))
+        return
+    emb_identity = build_embedder(args).identity()
+    model = (scoring.load_model(args.score_model) if args.score_model
+             else scoring.shipped_model(emb_identity, args.method))
+    out = run_split(args, items, None if args.no_verify else model)
+    out.pop("fit_rows")
+    keys = ["micro_ap", "recall@1", *[f"r@1 {e}" for e in QUERY_EDITS], "thr@99%distr", "recall@thr"]
+    print()
+    print(table(out["results"], keys))
+    print()
+    print(table(out["results"], [f"{c}: {m}" for c in devset.CATEGORIES for m in ("micro_ap", "r@1")]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), **out}, indent=2))
+    print("\ncandidate generation vs verification:", json.dumps(out["generation_recall"], indent=1))
+    print("verification:", out.get("verification"))
 
-    def record(name, fn):
-        t = time.perf_counter()
-        ids, scores = fn()
-        timings[name] = round(time.perf_counter() - t, 1)
-        results[name] = evaluate(ids, scores, ds)
-        print(name, results[name], f"({timings[name]}s)", flush=True)
-        return ids, scores
 
-    record("PDQ (8 dihedral)", lambda: run_pdq(ds))
-    record("pHash", lambda: run_phash(ds))
-    record("thumb32 cosine", lambda: run_thumb(ds))
+# ------------------------------------------------------------------------------------------
+# Speed and keypoint methods
+# ------------------------------------------------------------------------------------------
+
+
+def speed(items, n: int = 2048, batch: int = 64) -> dict:
+    """Corpus side on one core: JPEG decode (draft) + preprocess, embed; and the query side."""
+    import cv2
+
+    from pipeline.embedders.default import DefaultDescriptor
+
+    cv2.setNumThreads(1)
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    sample = [it for it in items if it.split == "validation"][:256]
+    blobs = [_jpeg(it.image(), quality=85) for it in sample]
+    emb = DefaultDescriptor()
+    emb.embed(np.stack([emb.preprocess(Image.open(io.BytesIO(blobs[0])))] * batch))  # warm up
+    t_pre = t_emb = 0.0
+    done = 0
+    while done < n:
+        t0 = time.process_time()
+        arr = np.stack([emb.preprocess(Image.open(io.BytesIO(blobs[(done + j) % len(blobs)]))) for j in range(batch)])
+        t1 = time.process_time()
+        emb.embed(arr)
+        t_pre += t1 - t0
+        t_emb += time.process_time() - t1
+        done += batch
+    queries = [devset.flatten(it.image()) for it in sample[:30]]
+    t0 = time.process_time()
+    n_regions = [len(emb.embed_regions(q)[1]) for q in queries]
+    t_regions = time.process_time() - t0
+    return {
+        "images": done, "jpeg_bytes_mean": int(np.mean([len(b) for b in blobs])),
+        "decode+preprocess_cpu_ms_per_image": round(1000 * t_pre / done, 3),
+        "embed_cpu_ms_per_image": round(1000 * t_emb / done, 3),
+        "images_per_cpu_second": round(done / (t_pre + t_emb), 1),
+        "query_regions_mean": round(float(np.mean(n_regions)), 1),
+        "query_side_cpu_ms_per_query": round(1000 * t_regions / len(queries), 1),
+    }
+
+
+def compare_verifiers(items, args, n_pairs: int = 150) -> dict:
+    """Each keypoint method on the same validation pairs: copies (query, its reference) by edit,
+    and unrelated pairs (a distractor query and its most similar corpus image): how many are
+    verified, and CPU per pair (query features counted once per query, as search does)."""
+    from pipeline.embedders.default import DefaultDescriptor
+    from pipeline.verify import METHODS, Verifier
+
+    ds = build_split(items, "validation", args.edits_per_ref, 1, args.limit)
     emb = DefaultDescriptor()
     corpus = corpus_vectors(ds, emb)
-    record("default: global", lambda: run_global(ds, emb, corpus))
-    pools: list = []
-
-    def regions():
-        ids, scores, p = run_regions(ds, emb, corpus, heads=args.region_heads)
-        pools.extend(p)
-        return ids, scores
-
-    record("default: + regions", regions)
-    vstats: dict = {}
-
-    def verified():
-        vi, vs, st = run_verified(ds, pools, args.workers)
-        vstats.update(st)
-        return vi, vs
-
-    record("default: + regions + verify", verified)
-    print()
-    print(_table(results))
-    print("\nverification:", vstats)
-    print("seconds per method:", timings)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "verification": vstats, "seconds": timings,
-                       "corpus": len(ds.corpus_jpeg), "copy_queries": n_pos,
-                       "distractor_queries": len(ds.queries) - n_pos,
-                       "identity": emb.identity()}, f, indent=2)
+    rng = np.random.default_rng(0)
+    pos = [int(q) for q in rng.permutation(np.nonzero(ds.query_gt >= 0)[0])[:n_pairs]]
+    neg_q = [int(q) for q in rng.permutation(np.nonzero(ds.query_gt < 0)[0])[:n_pairs]]
+    neg = [(q, int(np.argmax(emb.embed_images([ds.queries[q]]) @ corpus.T))) for q in neg_q]
+    pairs = [(q, int(ds.query_gt[q])) for q in pos] + neg
+    images = {c: devset.flatten(ds.corpus_image(c)) for _, c in pairs}
+    out = {}
+    for method in METHODS:
+        v = Verifier(method=method)
+        verified, cpu, qcpu = [], [], []
+        for q, c in pairs:
+            t0 = time.process_time()
+            qf = v.features(ds.queries[q], query=True)
+            t1 = time.process_time()
+            r = v.verify(qf, v.features(images[c]))
+            cpu.append(time.process_time() - t1)
+            qcpu.append(t1 - t0)
+            verified.append(r.verified)
+        verified = np.array(verified)
+        edits = np.array([ds.query_edit[q] for q in pos])
+        out[method] = {
+            "copies_verified": round(float(verified[:len(pos)].mean()), 3),
+            "unrelated_verified": round(float(verified[len(pos):].mean()), 3),
+            "per_edit": {e: round(float(verified[:len(pos)][edits == e].mean()), 2) for e in QUERY_EDITS if (edits == e).any()},
+            "per_category": {c: round(float(verified[:len(pos)][np.array([ds.query_category[q] for q in pos]) == c].mean()), 2)
+                             for c in devset.CATEGORIES},
+            "pair_cpu_ms": round(1000 * float(np.mean(cpu)), 1),
+            "query_features_cpu_ms": round(1000 * float(np.mean(qcpu)), 1),
+            "cpu_s_per_query_at_pool_30": round(float(np.mean(qcpu) + 30 * np.mean(cpu)), 2),
+        }
+        print(method, json.dumps(out[method]), flush=True)
+    return {"pairs": {"copies": len(pos), "unrelated": len(neg)}, "methods": out}
 
 
 if __name__ == "__main__":

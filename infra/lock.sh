@@ -11,7 +11,7 @@
 # which this resolves against, is a CUDA 13 build whose pins would clash with the cu128 one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-uv pip compile pyproject.toml infra/requirements-image.in \
+uv pip compile pyproject.toml infra/requirements-image.in --extra dev \
     --python-version 3.11 --python-platform x86_64-manylinux_2_35 \
     --no-emit-package cuda-bindings --no-emit-package cuda-pathfinder --no-emit-package cuda-toolkit \
     --no-emit-package triton \

@@ -59,6 +59,9 @@ class EmbedderConfig:
     query_region_scales: list[float] = field(default_factory=lambda: [0.75, 0.6, 0.5, 0.4])
     #: default embedder, query side: window stride as a fraction of the window size
     query_region_step: float = 0.33
+    #: default embedder, query side: windows centred on objects (regions whose colours differ from their
+    #: surroundings) embedded besides the grid; 0 = grid only
+    query_object_regions: int = 0
 
 
 @dataclass
@@ -217,8 +220,15 @@ class IndexConfig:
     shard_memory_gb: float = 8.0
     #: parts merged at once (>= 2); more parts are merged in stages
     merge_fanin: int = 64
-    #: default lists probed at search time
-    nprobe: int = 64
+    #: after a build, measure recall against cost on sampled corpus vectors and record the cheapest
+    #: (nprobe, rerank depth) reaching target_recall in the manifest; search uses them by default
+    tune: bool = True
+    #: corpus vectors drawn as tuning queries (their exact top-10 is a scan of every stored vector)
+    tune_queries: int = 1000
+    #: recall@10 after the exact rerank that the tuned settings must reach
+    target_recall: float = 0.95
+    #: a build retunes when the index grew by more than this fraction since the last tuning
+    retune_growth: float = 0.10
     #: search actors; 0 = one per index shard, at most the cluster's CPUs
     num_actors: int = 0
     #: faiss threads per search actor / driver step; 0 = all cores
@@ -303,13 +313,18 @@ class SearchConfig:
     rerank_top: int = 20
     #: local-feature verification of the best N candidates per query; 0 = off
     verify_top: int = 10
+    #: final-score model (JSON from bench/copy_detection.py --fit) for the descriptor whose similarity
+    #: is scored; empty = the shipped model when it was fitted for that descriptor, else fixed weights
+    score_model: str = ""
     #: files of keys, URLs or sha256 hashes never to show or fetch (Parquet/CSV/TXT)
     blocklist: list[str] = field(default_factory=list)
     #: Parquet/CSV/TXT of keys or URLs forming "the subset" (e.g. LAION Aesthetics 6+)
     subset: str | None = None
-    #: the paper's replication threshold (meaningful for SSCD-style descriptors)
+    #: the paper's replication threshold, applied to the descriptor similarity (SSCD's cosine when SSCD
+    #: is the embedder or the rerank); the calibrated threshold applies to the final score
     replication_threshold: float = 0.5
-    #: near-duplicate threshold: matches and baseline neighbours at or above it are copies of one picture
+    #: near-duplicate threshold on the descriptor similarity: matches and baseline neighbours at or above
+    #: it are copies of one picture
     duplicate_threshold: float = 0.95
     #: false-positive rate at which a threshold is calibrated on the baseline
     fpr: float = 0.01
@@ -389,6 +404,11 @@ COMMANDS = {"ingest": "replica ingest", "embed": "replica embed", "index": "repl
 # --------------------------------------------------------------------------- names of the last release
 
 #: Config keys renamed in this release; the old names are accepted, with a warning, until the next.
+#: keys no longer read, with what replaced them
+REMOVED_KEYS = {
+    "index": {"nprobe": "search uses the nprobe the index's tuning measured (`replica index tune`), or search.nprobe"},
+}
+
 RENAMED_KEYS = {
     "*": {"storage": "s3", "ray_address": "ray.address"},
     "embed": {"ray.num_actors": "num_actors", "ray.gpus_per_actor": "gpus_per_actor",
@@ -400,6 +420,9 @@ def upgrade_names(section: str, data: dict[str, Any]) -> tuple[dict[str, Any], l
     """Rename last release's keys of one section to today's; returns the data and a warning per rename."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
     notes: list[str] = []
+    for old, why in REMOVED_KEYS.get(section, {}).items():
+        if data.pop(old, None) is not None:
+            notes.append(f"config key {section}.{old} is no longer read and was ignored: {why}")
     renames = {**RENAMED_KEYS["*"], **RENAMED_KEYS.get(section, {})}
     for old, new in renames.items():
         head, _, tail = old.partition(".")

@@ -42,6 +42,8 @@ class DemoConfig:
     novel: int = 24
     #: share of the corpus marked as "the subset"
     subset_share: float = 0.4
+    #: corpus images searched like the queries (verification included) to calibrate the threshold
+    baseline_size: int = 200
     #: seed of the corpus and the planted copies
     seed: int = 0
 
@@ -181,11 +183,12 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     progress.log(f"embedded {s.embedded}/{s.images} corpus images ({s.images_per_s:.0f} img/s)")
     # A corpus this small trains OPQ slowly for no gain: plain IVF-PQ, exact rerank restores scores.
     nlist = default_nlist(s.embedded)
-    run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"), nprobe=nlist,
+    run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"),
                           factory=f"IVF{nlist},PQ32x8"), progress)
 
     search = SearchConfig(queries=join(work, "generated"), index=join(work, "index"), output=join(work, "results"),
-                          run_id="demo", subset=join(work, "subset.parquet"), baseline_size=min(500, cfg.corpus_size))
+                          run_id="demo", subset=join(work, "subset.parquet"),
+                          baseline_size=min(cfg.baseline_size, cfg.corpus_size))
     result = run_search(search, progress)
     scores = score_run(result.run_url, truth, result.summary)
     scores["report"] = join(result.run_url, GALLERY)

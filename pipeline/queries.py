@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from pipeline.embedders.base import to_rgb
 from pipeline.errors import ConfigError
 from pipeline.storage import Storage, expand_inputs, filesystem, read_bytes, unstrip
 
@@ -26,11 +27,10 @@ class Query:
 
 
 def _open(data: bytes) -> Image.Image:
-    from pipeline.embedders.base import to_rgb
-
     image = Image.open(io.BytesIO(data))
     image.load()
-    return to_rgb(image)
+    rgb = to_rgb(image)
+    return rgb.copy() if rgb is image else rgb
 
 
 @dataclass

@@ -33,7 +33,8 @@ def thumbnail(image, side: int = 256) -> bytes:
 
 def write_results(plan: "SearchPlan", queries, picks: list[list["Candidate"]], groups, boxes, baseline,
                   identity: dict[str, Any], subset: set[str] | None, registry) -> None:
-    """Write ``matches``, ``queries`` and ``baseline`` of one run."""
+    """Write ``matches`` (the best ``top_k`` of each query's ranked candidates), ``queries`` (the
+    similarity maxima over all its candidates) and ``baseline`` of one run."""
     from pipeline.search import rows_by_id
 
     cfg, run_id = plan.cfg, plan.run_id
@@ -42,7 +43,7 @@ def write_results(plan: "SearchPlan", queries, picks: list[list["Candidate"]], g
                rows_by_id(sorted({n for pairs in groups.values() for _, n in pairs}), registry, ["key"]).items()}
     m_rows, q_rows = [], []
     for q, cands in zip(queries, picks):
-        for rank, c in enumerate(cands, start=1):
+        for rank, c in enumerate(cands[: cfg.top_k], start=1):
             (shard, row), = registry.shard_rows([c.id])
             dup_ids = sorted({n for s, n in groups.get(c.id, []) if s >= cfg.duplicate_threshold} | {c.id})
             m_rows.append({
@@ -51,25 +52,32 @@ def write_results(plan: "SearchPlan", queries, picks: list[list["Candidate"]], g
                 "url": c.row["url"], "caption": c.row["caption"], "tar_url": c.row["tar_url"],
                 "tar_offset": c.row["tar_offset"], "tar_size": c.row["tar_size"],
                 "score_index": c.score_index, "score_exact": c.score_exact, "score_rerank": c.score_rerank,
-                "score": c.score, "region": c.region, "region_box": list(boxes[c.region]),
-                "in_subset": in_subset(c.row, subset), "inliers": c.inliers, "verify_score": c.verify_score,
+                "similarity": c.similarity, "score": c.score, "region": c.region, "region_box": list(boxes[c.region]),
+                "in_subset": in_subset(c.row, subset), "inliers": c.inliers, "tentative_matches": c.matches,
+                "verify_score": c.verify_score,
                 "query_box": list(c.query_box) if c.query_box else None,
                 "match_box": list(c.match_box) if c.match_box else None,
                 "dup_group": id_keys.get(dup_ids[0], c.row["key"]), "dup_group_size": len(dup_ids),
                 "embedder": identity["embedder"] + ":" + identity["model"], "preprocess": identity["preprocess"],
             })
-        inside = [c.score for c in cands if in_subset(c.row, subset)]
-        outside = [c.score for c in cands if subset is not None and not in_subset(c.row, subset)]
+        # Ranked by final score: rank 1 is the best final score; similarities are maxima.
+        inside = [c for c in cands if in_subset(c.row, subset)]
+        outside = [c for c in cands if subset is not None and not in_subset(c.row, subset)]
         best = cands[0] if cands else None
-        best_score = max((c.score for c in cands), default=None)
+        sim_in = max((c.similarity for c in inside), default=None)
+        sim_out = max((c.similarity for c in outside), default=None)
+        best_similarity = max((c.similarity for c in cands), default=None)
         q_rows.append({
             "run_id": run_id, "query_key": q.key, "prompt": q.prompt, "source": q.source,
             "thumbnail": thumbnail(q.image), "width": q.image.width, "height": q.image.height,
-            "best_score": best_score, "best_match_key": best.row["key"] if best else None,
-            "best_score_in_subset": max(inside, default=None),
-            "best_score_outside_subset": max(outside, default=None),
-            "replicated": bool(best_score is not None and best_score >= tau),
-            "copy_outside_subset_only": bool(outside and max(outside) >= tau and max(inside, default=-1) < tau),
+            "best_score": best.score if best else None, "best_match_key": best.row["key"] if best else None,
+            "best_score_in_subset": inside[0].score if inside else None,
+            "best_score_outside_subset": outside[0].score if outside else None,
+            "best_similarity": best_similarity, "best_similarity_in_subset": sim_in,
+            "best_similarity_outside_subset": sim_out,
+            # The paper's definitions: descriptor similarity at the replication threshold.
+            "replicated": bool(best_similarity is not None and best_similarity >= tau),
+            "copy_outside_subset_only": bool(sim_out is not None and sim_out >= tau and (sim_in is None or sim_in < tau)),
         })
     plan.run.write_table(MATCHES, m_rows)
     plan.run.write_table(QUERIES, q_rows)
@@ -78,9 +86,10 @@ def write_results(plan: "SearchPlan", queries, picks: list[list["Candidate"]], g
 
 def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, counters: dict[str, int],
                blocklist: set[str], subset: set[str] | None, calibrated: float | None, self_recall: float | None,
-               nprobe: int, seconds: float) -> RunRecord:
+               nprobe: int, seconds: float, score_model: dict[str, Any] | None = None) -> RunRecord:
     """``run.json``: settings, thresholds, index and coverage of one run."""
     from pipeline.layout.embeddings import EmbeddingsFolder
+    from pipeline.verify import DEFAULT_METHOD
 
     cfg, manifest = plan.cfg, plan.manifest
     folder = EmbeddingsFolder(manifest.embeddings, plan.index.storage)
@@ -103,9 +112,10 @@ def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, cou
         embedder=identity,
         settings=settings,
         rerank={"embedder": cfg.rerank.name or None, "top": cfg.rerank_top if cfg.rerank.name else 0},
-        verify={"top": cfg.verify_top},
+        verify={"top": cfg.verify_top, "method": DEFAULT_METHOD},
         thresholds={"replication": cfg.replication_threshold, "duplicate": cfg.duplicate_threshold,
                     "calibrated": calibrated},
+        score_model=score_model,
         fpr=cfg.fpr,
         index={"url": cfg.index, "factory": manifest.factory, "ntotal": manifest.ntotal, "nprobe": nprobe,
                "rerank_depth": plan.rerank_depth, "settings_from": plan.settings_from, "tuned": manifest.tuned,

@@ -8,12 +8,15 @@ For each query (a generated image):
      over the query's regions;
   4. drop blocklisted candidates (by key, URL or image hash) before any pixels are fetched;
   5. optionally rescore the best ``rerank_top`` with a second descriptor on their pixels
-     (fetched by ranged reads from the corpus tars), and verify the best ``verify_top`` with
-     local features: verified copies move ahead, and their matched boxes are kept;
-  6. mark each match inside/outside the subset and count its near-duplicates in the corpus.
+     (fetched by ranged reads from the corpus tars), and verify the best ``verify_top`` (plus
+     each region's own best) with local features, keeping the matched boxes;
+  6. give every candidate one final score from all that evidence (:mod:`pipeline.scoring`) and
+     rank by it;
+  7. mark each match inside/outside the subset and count its near-duplicates in the corpus.
 
-A baseline (corpus images searched against the corpus, themselves excluded) calibrates a
-threshold at a fixed false-positive rate. :mod:`pipeline.results` turns the outcome into the run's
+A baseline (corpus images searched against the corpus, themselves excluded, through the same
+regions, rerank, verification and final score) calibrates a threshold at a fixed
+false-positive rate. :mod:`pipeline.results` turns the outcome into the run's
 tables in ``{output}/run_id={run}/`` (pipeline/layout/runs.py), then the report is built.
 """
 from __future__ import annotations
@@ -46,14 +49,21 @@ class Candidate:
     row: dict[str, Any] = field(default_factory=dict)
     score_rerank: float | None = None
     inliers: int | None = None
+    #: verification's tentative (ratio-test) matches
+    matches: int | None = None
     verify_score: float | None = None
     query_box: tuple | None = None
     match_box: tuple | None = None
+    #: (width, height) of the corpus image, known once its pixels were fetched
+    candidate_size: tuple | None = None
     #: best rank of this corpus image in any one query region's list (1 = some region's best)
     region_rank: int = 1 << 30
+    #: the final score (pipeline.scoring), set once all evidence is in
+    score: float = float("nan")
 
     @property
-    def score(self) -> float:
+    def similarity(self) -> float:
+        """The descriptor similarity: the second stage's when it ran, else the exact cosine."""
         return self.score_rerank if self.score_rerank is not None else self.score_exact
 
 
@@ -90,7 +100,12 @@ def corpus_embedder_config(manifest: Manifest, index: IndexFolder) -> EmbedderCo
     info = EmbeddingsFolder(manifest.embeddings, index.storage).read_info()
     if info.embedder_config is None:
         raise ConfigError("the index's embeddings do not record their embedder settings: pass --embedder explicitly")
-    return build(EmbedderConfig, info.embedder_config)
+    cfg = build(EmbedderConfig, info.embedder_config)
+    if cfg.name == "default" and not cfg.checkpoint:  # embedded with a whitening shipped before this one
+        from pipeline.embedders.default import shipped_whitening_for
+
+        cfg.checkpoint = shipped_whitening_for(info.identity)
+    return cfg
 
 
 def plan_search(cfg: SearchConfig) -> SearchPlan:
@@ -183,30 +198,27 @@ def fetch_image(row: dict[str, Any], storage):
     return load_candidate(row["tar_url"], row["tar_offset"], row["tar_size"], storage)
 
 
-def second_stage(queries, picks: list[list[Candidate]], cfg: SearchConfig, counters) -> None:
+def second_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters, rerank) -> None:
     """Rescore each query's best candidates with the rerank descriptor on fetched pixels."""
-    from pipeline.embedders import build_embedder
-
-    rerank = build_embedder(cfg.rerank, cfg.s3)
-    for q, cands in zip(queries, picks):
+    for image, cands in zip(images, picks):
         top = cands[: cfg.rerank_top]
         if not top:
             continue
-        qv, _ = rerank.embed_regions(q.image) if cfg.regions else (rerank.embed_images([q.image]), None)
+        qv, _ = rerank.embed_regions(image) if cfg.regions else (rerank.embed_images([image]), None)
         cv = rerank.embed_images([fetch_image(c.row, cfg.s3) for c in top])
         counters["pixels_fetched"] += len(top)
         scores = (cv @ qv.T).max(axis=1)
         for c, s in zip(top, scores):
             c.score_rerank = float(s)
-        cands[: len(top)] = sorted(top, key=lambda c: -c.score)
+        cands[: len(top)] = sorted(top, key=lambda c: -c.similarity)
 
 
 def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) -> list[Candidate]:
-    """The best ``top`` by score, then candidates near the head of some single region's list
-    (an object pasted into a new scene ranks high in its own region but may score low overall),
-    ``3 * top`` at most."""
-    rest = sorted((c for c in cands[top:] if c.region_rank <= region_rank), key=lambda c: (c.region_rank, -c.score))
-    return cands[:top] + rest[: 2 * top]
+    """The best ``top`` by similarity, then candidates near the head of some single region's list
+    (an object pasted into a new scene ranks high in its own region but may score low overall):
+    ``2.5 * top`` at most, which keeps verification under 2 s of CPU a query (docs/BENCHMARKS.md)."""
+    rest = sorted((c for c in cands[top:] if c.region_rank <= region_rank), key=lambda c: (c.region_rank, -c.similarity))
+    return cands[:top] + rest[: (3 * top) // 2]
 
 
 def verify_query(image, rows: list[dict[str, Any]], storage) -> list[tuple]:
@@ -214,12 +226,12 @@ def verify_query(image, rows: list[dict[str, Any]], storage) -> list[tuple]:
     from pipeline.verify import Verifier
 
     images = [fetch_image(r, storage) for r in rows]
-    return [(int(v.inliers), float(v.score), v.query_box, v.candidate_box)
-            for v in Verifier().verify_many(image, images)]
+    return [(int(v.inliers), int(v.matches), float(v.score), v.query_box, v.candidate_box, im.size)
+            for v, im in zip(Verifier().verify_many(image, images), images)]
 
 
-def verify_stage(queries, picks: list[list[Candidate]], cfg: SearchConfig, counters) -> None:
-    """Local-feature verification fanned out as one Ray task per query; verified copies move ahead."""
+def verify_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters) -> None:
+    """Local-feature verification fanned out as one Ray task per query."""
     import ray
 
     from pipeline.ray_util import RetryPolicy, cluster_cpus, run_bounded
@@ -228,18 +240,65 @@ def verify_stage(queries, picks: list[list[Candidate]], cfg: SearchConfig, count
     pools = [verification_pool(c, cfg.verify_top) for c in picks]
 
     def record(qi: int, results: list[tuple]) -> None:
-        for c, (inliers, score, qbox, cbox) in zip(pools[qi], results):
-            c.inliers, c.verify_score, c.query_box, c.match_box = inliers, score, qbox, cbox
+        for c, (inliers, matches, score, qbox, cbox, size) in zip(pools[qi], results):
+            c.inliers, c.matches, c.verify_score, c.query_box, c.match_box = inliers, matches, score, qbox, cbox
+            c.candidate_size = size
         counters["pixels_fetched"] += len(pools[qi])
 
     # bounded: query images wait in the object store
     run_bounded([qi for qi, pool in enumerate(pools) if pool],
-                lambda qi, _actor: task.remote(queries[qi].image, [c.row for c in pools[qi]], cfg.s3), record,
+                lambda qi, _actor: task.remote(images[qi], [c.row for c in pools[qi]], cfg.s3), record,
                 window=lambda: max(2, 2 * int(cluster_cpus())),
                 retry=RetryPolicy(max_attempts=4, retry_on=(OSError, ray.exceptions.WorkerCrashedError)))
-    for cands in picks:
-        # Verification adds its score (0 when unverified, towards 1 with many inliers) for ranking.
-        cands.sort(key=lambda c: -(c.score + (c.verify_score or 0)))
+
+
+def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, source, registry, blocklist: set[str], counters,
+                 model, rerank=None, exclude: list[set[int]] | None = None) -> tuple[list[list[Candidate]], list[tuple]]:
+    """Every stage of the search for a list of images (queries, or baseline samples with their
+    own ids in ``exclude``): regions, candidates, blocklist, rerank, verification, final score.
+    Returns each image's candidates, best final score first, and every region's box."""
+    from pipeline.scoring import rank
+
+    vecs, owner, boxes = embed_queries(embedder, images, cfg.regions)
+    per_query = candidate_search(vecs, owner, len(images), searcher, source, cfg, depth)
+    by_id = rows_by_id(sorted({i for found in per_query for i in found}), registry)
+    picks: list[list[Candidate]] = []
+    for qi, found in enumerate(per_query):
+        kept = []
+        for c in sorted(found.values(), key=lambda c: (-c.score_exact, c.id)):
+            if exclude and c.id in exclude[qi]:
+                continue
+            c.row = by_id[c.id]
+            if blocklist and blocked(c.row, blocklist):
+                counters["blocked"] += 1
+                continue
+            kept.append(c)
+        picks.append(kept)
+    if rerank is not None:
+        second_stage(images, picks, cfg, counters, rerank)
+        # The matches are what the second descriptor looked at: one similarity scale for all.
+        picks = [p[: cfg.rerank_top] for p in picks]
+    if cfg.verify_top:
+        verify_stage(images, picks, cfg, counters)
+    return [rank(p, model, im.size, boxes) for p, im in zip(picks, images)], boxes
+
+
+def score_model(cfg: SearchConfig, identity: dict[str, Any]):
+    """The final-score model for the descriptor whose similarity it reads (``identity``: the
+    second stage's when there is one): ``cfg.score_model`` (checked against it), else the
+    shipped one fitted for it, else the unfitted fallback."""
+    from pipeline.errors import MismatchError
+    from pipeline.scoring import fitted_for, load_model, shipped_model
+    from pipeline.verify import DEFAULT_METHOD
+
+    if not cfg.score_model:
+        return shipped_model(identity, DEFAULT_METHOD)
+    model = load_model(cfg.score_model, cfg.s3)
+    want = fitted_for(identity, DEFAULT_METHOD)
+    if model.fitted_for and model.fitted_for != want:
+        raise MismatchError(f"score model {cfg.score_model!r} was fitted for {model.fitted_for}; this search scores "
+                            f"with {want}: fit one for it with bench/copy_detection.py --fit")
+    return model
 
 
 def neighbours(ids: list[int], searcher, source, cfg: SearchConfig) -> dict[int, list[tuple[float, int]]]:
@@ -310,42 +369,22 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     subset = load_key_set(cfg.subset, storage) if cfg.subset else None
     counters = {"pixels_fetched": 0, "blocked": 0, "unreadable_queries": query_set.unreadable}
 
-    with progress.step(f"embedding {len(queries)} queries"):
-        embedder = build_embedder(plan.embedder, storage)
-        qvecs, owner, boxes = embed_queries(embedder, [q.image for q in queries], cfg.regions)
+    embedder = build_embedder(plan.embedder, storage)
+    rerank = build_embedder(cfg.rerank, storage) if cfg.rerank.name else None
+    model = score_model(cfg, (rerank or embedder).identity())
     with IndexSearcher(plan.index, identity=embedder.identity(), ray_address=cfg.ray.address,
                        nprobe=plan.nprobe) as searcher:
         source = source_for(plan.index, plan.manifest)
         registry = Registry.load(plan.index)
-        with progress.step(f"searching {len(qvecs)} query regions across {len(plan.manifest.shards)} index shards"):
-            per_query = candidate_search(qvecs, owner, len(queries), searcher, source, cfg, plan.rerank_depth)
-
-        with progress.step("dropping blocklisted candidates and reading their rows"):
-            by_id = rows_by_id(sorted({i for found in per_query for i in found}), registry)
-            picks: list[list[Candidate]] = []
-            for found in per_query:
-                kept = []
-                for c in sorted(found.values(), key=lambda c: (-c.score_exact, c.id)):
-                    c.row = by_id[c.id]
-                    if blocklist and blocked(c.row, blocklist):
-                        counters["blocked"] += 1
-                        continue
-                    kept.append(c)
-                picks.append(kept)
-        if cfg.rerank.name:
-            with progress.step(f"second-stage rerank with {cfg.rerank.name}"):
-                second_stage(queries, picks, cfg, counters)
-        if cfg.verify_top:
-            with progress.step(f"verifying the best {cfg.verify_top} candidates per query"):
-                verify_stage(queries, picks, cfg, counters)
-        picks = [p[: cfg.top_k] for p in picks]
-
+        with progress.step(f"searching {len(queries)} queries across {len(plan.manifest.shards)} index shards "
+                           f"(regions, rerank, verification of the best {cfg.verify_top}, final score)"):
+            picks, boxes = match_images([q.image for q in queries], cfg, plan.rerank_depth, embedder, searcher, source, registry,
+                                        blocklist, counters, model, rerank)
         with progress.step("counting near-duplicates of the matches"):
-            groups = neighbours(sorted({c.id for p in picks for c in p}), searcher, source, cfg)
+            groups = neighbours(sorted({c.id for p in picks for c in p[: cfg.top_k]}), searcher, source, cfg)
         with progress.step(f"baseline: {cfg.baseline_size} corpus images searched like the queries"):
-            baseline, self_recall = run_baseline(cfg, plan.run_id, plan.rerank_depth, embedder, searcher, source,
-                                                 registry, blocklist,
-                                                 counters)
+            baseline, self_recall = run_baseline(cfg, plan.run_id, plan.rerank_depth, embedder, searcher, source, registry, blocklist,
+                                                 counters, model, rerank)
         nprobe = searcher.nprobe
 
     scored = [s for s in baseline["top1_score_no_dups"] if s is not None]
@@ -354,21 +393,21 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     with progress.step(f"writing results to {plan.run.url}"):
         write_results(plan, queries, picks, groups, boxes, baseline, identity, subset, registry)
         plan.run.write_record(run_record(plan, identity, len(queries), counters, blocklist, subset, calibrated,
-                                         self_recall, nprobe, time.time() - started))
+                                         self_recall, nprobe, time.time() - started, model.identity()))
     with progress.step("writing the report"):
         summary = run_report(plan.run)
     return SearchResult(summary=summary, run_url=plan.run.url, nprobe=nprobe)
 
 
-def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher, source, registry, blocklist,
-                 counters):
+def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher, source, registry, blocklist, counters, model,
+                 rerank=None):
     """The corpus's self-similarity, measured the way queries are scored.
 
-    Sampled corpus images are fetched, embedded (regions included when queries use them) and
-    searched; each one's best match excludes itself and, for ``top1_score_no_dups``, its
-    near-duplicates (stored vectors scoring >= the duplicate threshold). Also returns the
-    share of samples whose own stored vector comes back when searched for: the index's recall
-    for exact copies at this nprobe.
+    Sampled corpus images are fetched and go through every stage a query does (regions,
+    candidates, blocklist, rerank, verification, final score) with themselves excluded; for the
+    ``_no_dups`` columns their near-duplicates (stored vectors scoring >= the duplicate
+    threshold) are excluded too. Also returns the share of samples whose own stored vector comes
+    back when searched for: the index's recall for exact copies at this nprobe.
     """
     rng = np.random.default_rng(cfg.seed)
     ids = sample_baseline_ids(registry, cfg.baseline_size, rng).tolist()
@@ -377,26 +416,22 @@ def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher,
     stored = neighbours(ids, searcher, source, cfg)
     self_recall = float(np.mean([any(n == i for _, n in stored[i]) for i in ids])) if ids else None
     dups = {i: {n for s, n in stored[i] if s >= cfg.duplicate_threshold and n != i} for i in ids}
-    if cfg.regions:
-        images = [fetch_image(rows[i], cfg.s3) for i in ids]
-        counters["pixels_fetched"] += len(images)
-        vecs, owner, _ = embed_queries(embedder, images, True)
-        found = candidate_search(vecs, owner, len(ids), searcher, source, cfg, depth) if ids else []
-        scored = [sorted(((c.score_exact, c.id) for c in f.values()), reverse=True) for f in found]
-    else:
-        scored = [stored[i] for i in ids]
-    others = [[(sc, n) for sc, n in pairs if n != i] for i, pairs in zip(ids, scored)]
-    if blocklist:  # a blocked image may not stand as anyone's best match either
-        cand_rows = rows_by_id(sorted({n for o in others for _, n in o}), registry)
-        others = [[(sc, n) for sc, n in o if not blocked(cand_rows[n], blocklist)] for o in others]
-    top_keys = {i: r["key"] for i, r in rows_by_id(sorted({o[0][1] for o in others if o}), registry, ["key"]).items()}
-    out = {"run_id": [], "sample_key": [], "top1_score": [], "top1_key": [], "top1_score_no_dups": [], "near_dup_count": []}
-    for i, o in zip(ids, others):
-        no_dups = [sc for sc, n in o if n not in dups[i]]
+    images = [fetch_image(rows[i], cfg.s3) for i in ids]
+    counters["pixels_fetched"] += len(images)
+    ranked, _ = match_images(images, cfg, depth, embedder, searcher, source, registry, blocklist,
+                             {"pixels_fetched": 0, "blocked": 0}, model, rerank,
+                             exclude=[{i} for i in ids]) if ids else ([], [])
+    top_keys = {i: r["key"] for i, r in rows_by_id(sorted({o[0].id for o in ranked if o}), registry, ["key"]).items()}
+    out: dict[str, list] = {k: [] for k in ("run_id", "sample_key", "top1_score", "top1_key", "top1_score_no_dups",
+                                            "top1_similarity", "top1_similarity_no_dups", "near_dup_count")}
+    for i, found in zip(ids, ranked):
+        no_dups = [c for c in found if c.id not in dups[i]]
         out["run_id"].append(run_id)
         out["sample_key"].append(rows[i]["key"])
-        out["top1_score"].append(o[0][0] if o else None)
-        out["top1_key"].append(top_keys[o[0][1]] if o else None)
-        out["top1_score_no_dups"].append(no_dups[0] if no_dups else None)
+        out["top1_score"].append(found[0].score if found else None)
+        out["top1_key"].append(top_keys[found[0].id] if found else None)
+        out["top1_score_no_dups"].append(no_dups[0].score if no_dups else None)
+        out["top1_similarity"].append(max((c.similarity for c in found), default=None))
+        out["top1_similarity_no_dups"].append(max((c.similarity for c in no_dups), default=None))
         out["near_dup_count"].append(len(dups[i]))
     return out, self_recall

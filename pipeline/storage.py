@@ -301,7 +301,7 @@ def publish_file(local_file: str, url: str, storage: Storage | None = None) -> N
     if is_local(url):
         dest = local_path(url)
         os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+        tmp = os.path.join(os.path.dirname(dest), f".tmp-{uuid.uuid4().hex}-{os.path.basename(dest)}")
         shutil.move(local_file, tmp)
         os.replace(tmp, dest)
     else:

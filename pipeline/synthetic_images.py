@@ -61,7 +61,9 @@ Edit = Callable[[Image.Image, np.random.Generator], Image.Image]
 
 
 def _rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
+    from pipeline.embedders.base import to_rgb
+
+    return to_rgb(image)
 
 
 def edit_resize(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -73,10 +75,10 @@ def edit_resize(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def edit_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Keep 70-90% of the area (random aspect within that), at a random position."""
+    """Keep 65-90% of the area (random aspect within that), at a random position."""
     image = _rgb(image)
     w, h = image.size
-    area = rng.uniform(0.70, 0.90)
+    area = rng.uniform(0.65, 0.90)
     aspect = rng.uniform(-0.15, 0.15)  # log ratio of the kept width share to the kept height share
     fw = min(1.0, np.sqrt(area) * np.exp(aspect))
     fh = min(1.0, area / fw)
@@ -94,10 +96,11 @@ def edit_jpeg(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def edit_colour(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Colour jitter: hue rotation up to +-40 degrees, saturation 0.4-1.8x, per-channel gains."""
+    """Colour change: hue rotation anywhere up to +-180 degrees (large ones flip which colours are
+    the brighter: yellow on blue becomes blue on yellow), saturation 0.4-1.8x, per-channel gains."""
     image = _rgb(image)
     hsv = np.asarray(image.convert("HSV")).copy()
-    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(rng.integers(-28, 29))) % 256
+    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(rng.integers(-128, 129))) % 256
     out = Image.fromarray(hsv, "HSV").convert("RGB")
     out = ImageEnhance.Color(out).enhance(float(rng.uniform(0.4, 1.8)))
     gains = rng.uniform(0.8, 1.2, 3)
@@ -123,9 +126,10 @@ def edit_flip(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def edit_rotate(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """Rotate by 3-10 degrees either way, same canvas, black corners."""
+    """Rotate by 3-10 degrees either way, same canvas, black, grey or white corners."""
     angle = float(rng.uniform(3, 10)) * (1 if rng.random() < 0.5 else -1)
-    return _rgb(image).rotate(angle, resample=Image.BICUBIC, expand=False, fillcolor=(0, 0, 0))
+    fill = (0, 128, 255)[int(rng.integers(3))]
+    return _rgb(image).rotate(angle, resample=Image.BICUBIC, expand=False, fillcolor=(fill, fill, fill))
 
 
 #: The single edits, by name.
@@ -170,12 +174,16 @@ def paste_object(
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """Copy an "object" of ``src`` into the scene ``dst``.
 
-    The object is a region of ``src`` covering ``min_part``-100% of each side. It is rescaled
-    (aspect kept) to ``min_width``-``max_width`` of ``dst``'s width (and at most 80% of its
-    height) and pasted at a random position. Returns the new image and the pasted box
+    The object is a region of ``src`` covering ``min_part``-100% of each side (all of it when
+    ``src`` has transparency: the object is then pasted through its alpha, as a cut-out). It is
+    rescaled (aspect kept) to ``min_width``-``max_width`` of ``dst``'s width (and at most 80% of
+    its height) and pasted at a random position. Returns the new image and the pasted box
     ``(x0, y0, x1, y1)`` in ``dst`` pixels (x1/y1 exclusive).
     """
-    src, dst = _rgb(src), _rgb(dst).copy()
+    cutout = src.mode in ("RGBA", "LA", "PA")
+    src, dst = (src.convert("RGBA") if cutout else _rgb(src)), _rgb(dst).copy()
+    if cutout:
+        min_part = 1.0
     sw, sh = src.size
     fw, fh = rng.uniform(min_part, 1.0), rng.uniform(min_part, 1.0)
     ow, oh = max(8, round(sw * fw)), max(8, round(sh * fh))
@@ -187,7 +195,7 @@ def paste_object(
     pw, ph = max(8, round(ow * scale)), max(8, round(oh * scale))
     obj = obj.resize((pw, ph), Image.BICUBIC)
     x0, y0 = int(rng.integers(0, dw - pw + 1)), int(rng.integers(0, dh - ph + 1))
-    dst.paste(obj, (x0, y0))
+    dst.paste(obj, (x0, y0), obj if cutout else None)
     return dst, (x0, y0, x0 + pw, y0 + ph)
 
 

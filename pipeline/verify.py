@@ -3,8 +3,9 @@
 Global descriptors rank candidates; this module checks a short list of them geometrically:
 
 1. both images are scaled to at most ``max_side`` pixels (bounded cost), equalised (CLAHE, so
-   low-contrast photos get keypoints), and ORB keypoints are extracted (SIFT or AKAZE on
-   request). A query gets more keypoints than a candidate (a copied object may be a small
+   low-contrast photos get keypoints), and keypoints are extracted: SIFT by default, or ORB,
+   RootSIFT (SIFT with Hellinger-normalised descriptors, Arandjelovic & Zisserman 2012), AKAZE or
+   BRISK (``METHODS``; docs/BENCHMARKS.md compares them). A query gets more keypoints than a candidate (a copied object may be a small
    part of it) and is computed once per query;
 2. descriptors are matched with Lowe's ratio test, at most one match per candidate keypoint;
 3. a similarity transform (rotation + uniform scale + translation; or a full affine /
@@ -40,13 +41,18 @@ from PIL import Image
 
 Box = tuple[int, int, int, int]
 
+#: Keypoint methods, and the default (chosen by measurement on the development benchmark's
+#: validation split: docs/BENCHMARKS.md).
+METHODS = ("orb", "sift", "rootsift", "akaze", "brisk")
+DEFAULT_METHOD = "sift"
+
 
 @dataclass
 class Features:
     """Keypoints (in the image's own pixels), descriptors and the working grey image."""
 
     points: np.ndarray  # (n, 2) float32, original pixel coordinates
-    descriptors: np.ndarray | None  # (n, d) uint8 (ORB/AKAZE) or float32 (SIFT)
+    descriptors: np.ndarray | None  # (n, d) uint8 (ORB/AKAZE/BRISK) or float32 (SIFT/RootSIFT)
     size: tuple[int, int]  # (width, height) of the original image
     scale: float = 1.0  # working resolution / original resolution
     grey: np.ndarray | None = field(default=None, repr=False)  # working-resolution grey (uint8)
@@ -118,7 +124,7 @@ class Verifier:
 
     def __init__(
         self,
-        method: str = "orb",
+        method: str = DEFAULT_METHOD,
         max_side: int = 512,
         n_features: int = 1500,
         n_query_features: int = 5000,
@@ -136,8 +142,8 @@ class Verifier:
     ):
         import cv2
 
-        if method not in ("orb", "sift", "akaze"):
-            raise ValueError(f"verification method must be orb, sift or akaze, got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"verification method must be one of {', '.join(METHODS)}, got {method!r}")
         if model not in ("similarity", "affine", "homography"):
             raise ValueError(f"verification model must be similarity, affine or homography, got {model!r}")
         self.cv2 = cv2
@@ -154,9 +160,12 @@ class Verifier:
         elif method == "akaze":
             self.detector = self.query_detector = cv2.AKAZE_create(threshold=0.0005)
             self.norm = cv2.NORM_HAMMING
-        else:
-            self.detector = cv2.SIFT_create(nfeatures=n_features)
-            self.query_detector = cv2.SIFT_create(nfeatures=n_query_features)
+        elif method == "brisk":
+            self.detector = self.query_detector = cv2.BRISK_create(thresh=20)
+            self.norm = cv2.NORM_HAMMING
+        else:  # sift, rootsift; half the default contrast threshold: upscaled and hazy images get keypoints
+            self.detector = cv2.SIFT_create(nfeatures=n_features, contrastThreshold=0.02)
+            self.query_detector = cv2.SIFT_create(nfeatures=n_query_features, contrastThreshold=0.02)
             self.norm = cv2.NORM_L2
         self.matcher = cv2.BFMatcher(self.norm)
 
@@ -167,13 +176,17 @@ class Verifier:
         kps, desc = detector.detectAndCompute(grey, None)
         if desc is None or len(kps) == 0:
             return Features(np.zeros((0, 2), np.float32), None, image.size, scale, grey)
+        if self.method == "rootsift":  # L1-normalise, square-root: L2 distance becomes Hellinger
+            desc = np.sqrt(desc / (np.abs(desc).sum(axis=1, keepdims=True) + 1e-7)).astype(np.float32)
         pts = np.array([k.pt for k in kps], dtype=np.float32) / scale
         return Features(pts, desc, image.size, scale, grey)
 
     def features(self, image: Image.Image, query: bool = False) -> Features:
         """Features of a candidate, or of a query (more keypoints, plus those of its mirror
         image when ``try_flip``)."""
-        image = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        from pipeline.embedders.base import to_rgb
+
+        image = image if image.mode == "L" else to_rgb(image)
         if not query:
             return self._detect(image, self.detector)
         f = self._detect(image, self.query_detector)
@@ -348,7 +361,7 @@ _DEFAULT: Verifier | None = None
 
 
 def verify(query: Image.Image, candidate: Image.Image, verifier: Verifier | None = None) -> Verification:
-    """Verify one pair with the default settings (ORB, similarity, mirrored query tried)."""
+    """Verify one pair with the default settings (SIFT, similarity, mirrored query tried)."""
     global _DEFAULT
     if verifier is None:
         if _DEFAULT is None:
@@ -359,8 +372,11 @@ def verify(query: Image.Image, candidate: Image.Image, verifier: Verifier | None
 
 def decode(data: bytes) -> Image.Image:
     """Image bytes (e.g. one tar member) -> RGB PIL image."""
+    from pipeline.embedders.base import to_rgb
+
     with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
+        rgb = to_rgb(im)
+        return rgb.copy() if rgb is im else rgb
 
 
 def load_candidate(tar_url: str, tar_offset: int, tar_size: int, storage=None) -> Image.Image:

@@ -55,7 +55,7 @@ def brute_force(queries: np.ndarray, x: np.ndarray, ids: np.ndarray, k: int) -> 
 
 def config(embeddings: str, index: str, **over) -> IndexConfig:
     base = dict(embeddings=embeddings, index=index, factory="IVF32,PQ8", group_size=2,
-                shard_memory_gb=0.00006, merge_fanin=2, nprobe=8, threads=1)
+                shard_memory_gb=0.00006, merge_fanin=2, threads=1, tune_queries=200)
     base.update(over)
     return IndexConfig(**base)
 

@@ -178,9 +178,9 @@ def test_pipeline_with_an_import_section_indexes_released_vectors_and_adds_new_r
         **{"import": {"input": str(tmp_path / "release"), "output": str(tmp_path / "emb"), "embedder": "default",
                       "model": identity["model"], "weights": identity["weights"],
                       "preprocess": identity["preprocess"], "rows_per_shard": 25},
-           "index": {"index": str(tmp_path / "index"), "factory": "IVF4,Flat", "nprobe": 4},
+           "index": {"index": str(tmp_path / "index"), "factory": "IVF4,Flat"},
            # released rows have no pixels: no verification, no region baseline
-           "search": {"queries": str(gen), "output": str(tmp_path / "results"), "embedder": {"name": "default"},
+           "search": {"queries": str(gen), "output": str(tmp_path / "results"), "embedder": {"name": "default"}, "nprobe": 4,
                       "regions": False, "verify_top": 0, "baseline_size": 20}})
     r = invoke("pipeline", "-c", cfg, "--quiet")
     assert r.exit_code == 0, r.output

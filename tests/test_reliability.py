@@ -165,6 +165,18 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
     OutputLock(folder, "again").acquire().release()  # released: free again
 
 
+def test_a_killed_writer_s_temporaries_are_removed_by_the_lock_holder(tmp_path):
+    folder = Folder(str(tmp_path / "out"))
+    folder.write_bytes("00000.parquet", b"done")
+    orphan = tmp_path / "out" / "sub" / ".tmp-0123-00001.parquet"  # what a SIGKILL mid-write leaves
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"half")
+    with OutputLock(folder, "replica embed"):
+        assert not orphan.exists()
+        orphan.write_bytes(b"half")  # a writer of this run killed mid-write
+    assert not orphan.exists() and (tmp_path / "out" / "00000.parquet").read_bytes() == b"done"
+
+
 def test_a_stale_lock_is_broken_only_when_asked(tmp_path):
     folder = Folder(str(tmp_path / "out"))
     folder.write_json("_lock.json", {"owner": "x", "host": "another-host", "pid": 1, "command": "replica embed",

@@ -81,6 +81,11 @@ def dup_group(i: int) -> tuple[str, int]:
     return ("g2", 2) if i in (2, 3) else (f"g{i}", 1)
 
 
+def final(similarity: float) -> float:
+    """The final score the synthetic runs carry: monotone in the similarity, on another scale."""
+    return float(similarity) ** 2
+
+
 def build_run(results: Path, run_id: str, seed: int, records: dict[int, dict], n_queries: int = 40,
               n_baseline: int = 300, tar_url_of=None) -> Path:
     """A run directory as search writes it, with random but known content."""
@@ -93,6 +98,7 @@ def build_run(results: Path, run_id: str, seed: int, records: dict[int, dict], n
         prompt = f"prompt {qi} of {run_id}"
         thumb = scene(5000 + seed * 100 + qi, (256, 192))
         best = bestin = bestout = None
+        sim = simin = simout = None
         best_key = None
         matches = []
         if qi != n_queries - 1:  # the last query has no match at all (everything blocklisted, say)
@@ -109,37 +115,44 @@ def build_run(results: Path, run_id: str, seed: int, records: dict[int, dict], n
                     "url": rec["url"], "caption": rec["caption"],
                     "tar_url": tar_url_of(rec) if tar_url_of else rec["tar_url"],
                     "tar_offset": rec["tar_offset"], "tar_size": rec["tar_size"],
-                    "score_index": s - 0.01, "score_exact": s, "score_rerank": None, "score": s,
+                    # The final score is another (monotone) scale than the similarity.
+                    "score_index": s - 0.01, "score_exact": s, "score_rerank": None, "similarity": s,
+                    "score": final(s),
                     "region": 0 if rank == 1 else 1,
                     "region_box": [0, 0, 512, 384] if rank == 1 else [128, 96, 384, 288],
                     "in_subset": in_subset(int(ci)),
-                    "inliers": 40 if verified else None, "verify_score": 0.8 if verified else None,
+                    "inliers": 40 if verified else None, "tentative_matches": 60 if verified else None,
+                    "verify_score": 0.8 if verified else None,
                     "query_box": [64, 48, 320, 240] if verified else None,
                     "match_box": [40, 30, 200, 160] if verified else None,
                     "dup_group": group, "dup_group_size": size,
                     "embedder": "default", "preprocess": "resize256-crop224",
                 })
                 matches.append((s, int(ci)))
-            best, best_key = scores[0], records[int(corpus_ids[0])]["key"]
+            sim, best, best_key = scores[0], final(scores[0]), records[int(corpus_ids[0])]["key"]
             ins = [s for s, ci in matches if in_subset(ci)]
             outs = [s for s, ci in matches if not in_subset(ci)]
-            bestin = max(ins) if ins else None
-            bestout = max(outs) if outs else None
+            simin = max(ins) if ins else None
+            simout = max(outs) if outs else None
+            bestin = final(simin) if ins else None
+            bestout = final(simout) if outs else None
         thr = THRESHOLDS["replication"]
         qrows.append({
             "run_id": run_id, "query_key": qkey, "prompt": prompt, "source": f"file:///gen/{qkey}.png",
             "thumbnail": jpeg(thumb, 85), "width": 512, "height": 384,
             "best_score": best, "best_match_key": best_key,
             "best_score_in_subset": bestin, "best_score_outside_subset": bestout,
-            "replicated": best is not None and best >= thr,
-            "copy_outside_subset_only": (bestout is not None and bestout >= thr)
-            and not (bestin is not None and bestin >= thr),
+            "best_similarity": sim, "best_similarity_in_subset": simin, "best_similarity_outside_subset": simout,
+            "replicated": sim is not None and sim >= thr,
+            "copy_outside_subset_only": (simout is not None and simout >= thr)
+            and not (simin is not None and simin >= thr),
         })
     top1 = rng.beta(2, 5, n_baseline)
     near = rng.integers(0, 3, n_baseline) * (rng.uniform(size=n_baseline) < 0.2)
     brows = [{
-        "run_id": run_id, "sample_key": f"s{i:05d}", "top1_score": float(top1[i]) if near[i] == 0 else 0.97,
-        "top1_key": f"k{i}", "top1_score_no_dups": float(top1[i]), "near_dup_count": int(near[i]),
+        "run_id": run_id, "sample_key": f"s{i:05d}", "top1_score": final(float(top1[i]) if near[i] == 0 else 0.97),
+        "top1_key": f"k{i}", "top1_score_no_dups": final(float(top1[i])), "near_dup_count": int(near[i]),
+        "top1_similarity": float(top1[i]) if near[i] == 0 else 0.97, "top1_similarity_no_dups": float(top1[i]),
     } for i in range(n_baseline)]
     pq.write_table(pa.Table.from_pylist(qrows, schema=queries_schema()), run_dir / "queries.parquet")
     pq.write_table(pa.Table.from_pylist(mrows, schema=matches_schema()), run_dir / "matches.parquet")
@@ -236,6 +249,14 @@ def test_summary_equals_brute_force(results):
         best_out = col(run_dir, "queries.parquet", "best_score_outside_subset")
         nodup = col(run_dir, "baseline.parquet", "top1_score_no_dups")
         withdup = col(run_dir, "baseline.parquet", "top1_score")
+        # The paper's thresholds read the similarity columns, the calibrated one the final score.
+        on_similarity = {"all": col(run_dir, "queries.parquet", "best_similarity"),
+                         "in_subset": col(run_dir, "queries.parquet", "best_similarity_in_subset"),
+                         "outside_subset": col(run_dir, "queries.parquet", "best_similarity_outside_subset"),
+                         "baseline_fpr": col(run_dir, "baseline.parquet", "top1_similarity_no_dups"),
+                         "baseline_fpr_with_dups": col(run_dir, "baseline.parquet", "top1_similarity")}
+        on_score = {"all": best, "in_subset": best_in, "outside_subset": best_out, "baseline_fpr": nodup,
+                    "baseline_fpr_with_dups": withdup}
 
         t_cal = brute_calibrate(nodup, 0.01)
         assert on_disk["calibration"]["threshold"] == t_cal
@@ -244,18 +265,19 @@ def test_summary_equals_brute_force(results):
 
         for name, t in on_disk["thresholds"].items():
             entry = on_disk["replication"][name]
-            for part, values in (("all", best), ("in_subset", best_in), ("outside_subset", best_out),
-                                 ("baseline_fpr", nodup), ("baseline_fpr_with_dups", withdup)):
+            columns = on_score if name == "calibrated" else on_similarity
+            assert entry["applies_to"] == ("score" if name == "calibrated" else "similarity")
+            for part, values in columns.items():
                 k, n = rate_at(values, t)
                 assert (entry[part]["count"], entry[part]["n"]) == (k, n), (name, part)
                 assert entry[part]["rate"] == pytest.approx(k / n)
                 lo, hi = brute_wilson(k, n)
                 assert entry[part]["ci95"] == pytest.approx([lo, hi], abs=2e-6), (name, part)
-            only = sum(1 for i, o in zip(best_in, best_out)
+            only = sum(1 for i, o in zip(columns["in_subset"], columns["outside_subset"])
                        if o is not None and o >= t and not (i is not None and i >= t))
             assert entry["outside_subset_only"]["count"] == only
         # The run's own flags agree with the replication threshold.
-        k, _ = rate_at(best, 0.5)
+        k, _ = rate_at(on_similarity["all"], 0.5)
         assert k == sum(col(run_dir, "queries.parquet", "replicated"))
         assert on_disk["replication"]["replication"]["outside_subset_only"]["count"] == sum(
             col(run_dir, "queries.parquet", "copy_outside_subset_only"))
@@ -275,7 +297,7 @@ def test_summary_equals_brute_force(results):
             assert stats["max"] == pytest.approx(arr.max())
         assert on_disk["queries"]["count"] == len(best)
         assert on_disk["queries"]["with_matches"] == len(best) - 1
-        assert on_disk["queries"]["near_duplicates"] == rate_at(best, 0.95)[0]
+        assert on_disk["queries"]["near_duplicates"] == rate_at(on_similarity["all"], 0.95)[0]
         near = col(run_dir, "baseline.parquet", "near_dup_count")
         assert on_disk["baseline"]["samples_with_near_duplicates"] == sum(1 for c in near if c > 0)
 
@@ -390,7 +412,7 @@ def test_duckdb_queries_from_docs(dated_results, monkeypatch):
     top = con.execute(sql[1]).fetchall()
     groups: dict[str, set] = {}
     for m in matches:
-        if m["score"] >= 0.5:
+        if m["similarity"] >= 0.5:
             groups.setdefault(m["dup_group"], set()).add((m["run_id"], m["query_key"]))
     assert {r[0]: r[4] for r in top} == {g: len(v) for g, v in groups.items()}
     assert [r[4] for r in top] == sorted((r[4] for r in top), reverse=True)

@@ -23,7 +23,7 @@ def demo(tmp_path_factory, ray_local):
     """`replica demo` on a small corpus, through the CLI users run."""
     work = tmp_path_factory.mktemp("demo")
     result = CliRunner().invoke(app, ["demo", "--workdir", str(work), "--corpus-size", "400", "--copies-per-edit", "2",
-                                      "--pasted", "4", "--novel", "8", "--quiet"])
+                                      "--pasted", "4", "--novel", "8", "--baseline-size", "20", "--quiet"])
     assert result.exit_code == 0, result.output
     run = work / "results" / "run_id=demo"
     return {"work": work, "run": run, "output": result.output,
@@ -72,8 +72,35 @@ def test_planted_copies_are_found_and_attributed(demo):
     assert all(m["in_subset"] == (m["match_key"] in subset) for m in matches)
 
 
+def test_rank_order_is_the_final_score_and_the_best_match_is_rank_1(demo):
+    """One final score per match: ranks follow it, queries name the rank-1 match and its score,
+    and it carries the evidence (verified matches score above unverified ones of equal similarity)."""
+    matches = table(demo["run"], "matches.parquet").to_pylist()
+    queries = {q["query_key"]: q for q in table(demo["run"], "queries.parquet").to_pylist()}
+    by_query: dict[str, list] = {}
+    for m in matches:
+        by_query.setdefault(m["query_key"], []).append(m)
+    for key, ms in by_query.items():
+        ms.sort(key=lambda m: m["rank"])
+        scores = [m["score"] for m in ms]
+        assert scores == sorted(scores, reverse=True), key
+        assert queries[key]["best_match_key"] == ms[0]["match_key"]
+        assert queries[key]["best_score"] == ms[0]["score"]
+        assert all(0 < m["score"] < 1 for m in ms)
+        assert all(m["similarity"] == (m["score_rerank"] if m["score_rerank"] is not None else m["score_exact"])
+                   for m in ms)
+    verified = [m for m in matches if m["verify_score"]]
+    assert verified and all(m["inliers"] >= 1 and m["tentative_matches"] >= m["inliers"] for m in verified)
+    info = json.loads((demo["run"] / "run.json").read_text())
+    assert info["score_model"]["fitted"] and len(info["score_model"]["sha256"]) == 64
+    # The baseline went through the same scoring: final scores, not similarities.
+    base = table(demo["run"], "baseline.parquet").to_pylist()
+    assert all(0 < b["top1_score"] < 1 for b in base if b["top1_score"] is not None)
+    assert any(b["top1_score"] != b["top1_similarity"] for b in base)
+
+
 def test_scores_and_summary_match_brute_force(demo):
-    """Best scores equal an exhaustive search over every stored vector with the same query regions."""
+    """Best similarities equal an exhaustive search over every stored vector with the same query regions."""
     from pipeline.config import EmbedderConfig
     from pipeline.embedders import build_embedder
     from pipeline.queries import load_queries
@@ -87,14 +114,17 @@ def test_scores_and_summary_match_brute_force(demo):
     for q in load_queries(str(demo["work"] / "generated")).queries:
         vecs, _ = embedder.embed_regions(q.image)
         best = float((vecs @ corpus.T).max())
-        assert queries[q.key]["best_score"] == pytest.approx(best, abs=2e-3), q.key
+        assert queries[q.key]["best_similarity"] == pytest.approx(best, abs=2e-3), q.key
 
     summary = json.loads((demo["run"] / "summary.json").read_text())
-    best = np.array([queries[k]["best_score"] for k in queries])
+    # The paper's threshold reads the similarity, the calibrated one the final score.
+    best = np.array([queries[k]["best_similarity"] for k in queries])
     rate = summary["replication"]["replication"]["all"]
     assert rate["count"] == int((best >= 0.5).sum()) and rate["n"] == len(best)
     base = table(demo["run"], "baseline.parquet").column("top1_score_no_dups").to_numpy()
     assert summary["thresholds"]["calibrated"] == pytest.approx(calibrate_threshold(base, 0.01))
+    final = np.array([queries[k]["best_score"] for k in queries])
+    assert summary["replication"]["calibrated"]["all"]["count"] == int((final >= summary["thresholds"]["calibrated"]).sum())
     # The baseline is scored like the queries: regions of the fetched image, itself excluded.
     from pipeline.verify import load_candidate
 
@@ -105,7 +135,7 @@ def test_scores_and_summary_match_brute_force(demo):
         vecs, _ = embedder.embed_regions(load_candidate(r["tar_url"], r["tar_offset"], r["tar_size"]))
         scores = (vecs @ corpus.T).max(axis=0)
         scores[index_of[row["sample_key"]]] = -np.inf
-        assert row["top1_score"] == pytest.approx(float(scores.max()), abs=2e-3)
+        assert row["top1_similarity"] == pytest.approx(float(scores.max()), abs=2e-3)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +158,7 @@ def s3_corpus(ray_local, s3_server, tmp_path_factory):
     make_sample_tars(f"{root}/tars", tars=2, per_tar=40, seed=7, storage=storage)
     run_embed(EmbedConfig(input=[f"{root}/tars/*.tar"], output=f"{root}/emb", s3=storage))
     run_build(IndexConfig(embeddings=f"{root}/emb", index=str(local / "index"), s3=storage, factory="IVF8,Flat",
-                          nprobe=8))
+                          tune=False))  # search's default nprobe (64) then probes all 8 lists
     folder, emb = EmbeddingsFolder(f"{root}/emb", storage), []
     for shard in folder.complete_shards():
         with folder.open(folder.parquet_name(shard)) as f:
@@ -154,7 +184,7 @@ def test_blocklisted_images_are_never_fetched_or_shown(s3_corpus):
 
     proxy.clear()
     cfg = SearchConfig(queries=str(local / "generated"), index=str(local / "index"), output=str(local / "results"),
-                       run_id="blocked", blocklist=[str(blocklist)], baseline_size=40, verify_top=5,
+                       run_id="blocked", blocklist=[str(blocklist)], baseline_size=10, verify_top=5,
                        s3=s3_corpus["storage"])
     run = Path(run_search(cfg).run_url)
     fetched = {(r.path.rsplit("/", 1)[-1], r.range) for r in proxy.requests
@@ -207,9 +237,13 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
     cfg = SearchConfig(queries=str(demo["work"] / "generated"), index=str(demo["work"] / "index"),
                        output=str(tmp_path / "results"), run_id="rerank", rerank=rerank, rerank_top=5,
                        verify_top=0, top_k=5, baseline_size=50)
-    matches = table(Path(run_search(cfg).run_url), "matches.parquet").to_pylist()
-    assert all(m["score_rerank"] is not None and m["score"] == m["score_rerank"] for m in matches)
+    run_search_url = run_search(cfg).run_url
+    matches = table(Path(run_search_url), "matches.parquet").to_pylist()
+    assert all(m["score_rerank"] is not None and m["similarity"] == m["score_rerank"] for m in matches)
     assert all(m["inliers"] is None for m in matches)  # verification was off
+    # No score model was fitted for this descriptor: the fixed weights, said so in run.json.
+    info = json.loads((Path(run_search_url) / "run.json").read_text())
+    assert info["score_model"]["fitted"] is False
 
     model = build_embedder(rerank)
     query = next(q for q in load_queries(str(demo["work"] / "generated")).queries if q.key == "copy-crop-0")

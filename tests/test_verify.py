@@ -40,11 +40,16 @@ def verifier() -> Verifier:
     return Verifier()
 
 
-def test_pasted_object_is_verified_with_its_box(verifier):
+@pytest.mark.parametrize("kind", ["photos", "flat shapes"])
+def test_pasted_object_is_verified_with_its_box(verifier, kind):
+    """Photographs with the default keypoints (SIFT); flat procedural shapes, whose few corners
+    SIFT misses, with ORB (docs/BENCHMARKS.md compares the methods on real images)."""
     rng = np.random.default_rng(3)
-    srcs = _photos(4) + [synthetic.scene(s, (380, 300)) for s in (31, 32)]
+    srcs = _photos(4) if kind == "photos" else [synthetic.scene(s, (380, 300)) for s in (31, 32)]
+    verifier = verifier if kind == "photos" else Verifier(method="orb")
     for i, src in enumerate(srcs):
-        query, box = synthetic.paste_object(src, synthetic.scene(500 + i, (448, 336)), rng)
+        query, box = synthetic.paste_object(src, synthetic.scene(500 + i + (4 if kind != "photos" else 0), (448, 336)),
+                                            rng)
         r = verifier.verify(query, src)
         assert r.verified and r.inliers >= verifier.min_inliers, f"pair {i}: {r}"
         assert _iou(r.query_box, box) >= 0.5, f"pair {i}: found {r.query_box}, pasted {box}"
@@ -139,3 +144,14 @@ def test_load_candidate_with_one_ranged_read(tmp_path):
     got = load_candidate(str(tar_path), offset, size)
     assert got.size == (200, 150)
     assert np.array_equal(np.asarray(got), np.asarray(Image.open(io.BytesIO(blobs[1])).convert("RGB")))
+
+
+@pytest.mark.parametrize("method", ["orb", "rootsift", "akaze"])
+def test_every_keypoint_method_verifies_a_copy_and_rejects_another_image(method):
+    """The methods docs/BENCHMARKS.md compares (the default, SIFT, runs in the tests above)."""
+    v = Verifier(method=method)
+    src, other = _photos(2)
+    assert v.verify(synthetic.apply_edit("jpeg", src, seed=3), src).verified
+    assert not v.verify(synthetic.apply_edit("jpeg", src, seed=3), other).verified
+    with pytest.raises(ValueError, match="method"):
+        Verifier(method="surf")

@@ -373,11 +373,15 @@ INDEX_TRAIN = SectionCommand("index", [*COMMON_INDEX, "factory", "memory_budget_
 INDEX_ADD = SectionCommand("index", [*COMMON_INDEX, "group_size", "cpus_per_task", "max_tasks_in_flight",
                                      "write_vectors"])
 INDEX_MERGE = SectionCommand("index", [*COMMON_INDEX, "shard_memory_gb", "merge_fanin", "threads"])
+INDEX_TUNE = SectionCommand("index", [*COMMON_INDEX, "tune_queries", "target_recall", "retune_growth", "seed",
+                                      "threads"])
 INDEX_BUILD = SectionCommand("index")
+FORCE_OPTION = click.Option(["--force", "force"], is_flag=True, default=False,
+                            help="Tune even when the recorded tuning is current.")
 
 
 def _index_step(step: str, spec: SectionCommand) -> Callable[..., None]:
-    def run(config: str | None, local: bool, quiet: bool, **kwargs: Any) -> None:
+    def run(config: str | None, local: bool, quiet: bool, force: bool = False, **kwargs: Any) -> None:
         cfg = spec.config(kwargs, config)
         progress = progress_for(quiet)
         if step == "train":
@@ -395,6 +399,12 @@ def _index_step(step: str, spec: SectionCommand) -> Callable[..., None]:
 
             m = run_merge(cfg, progress, use_ray=not local)
             click.echo(f"manifest: {len(m.shards)} index shard(s), {m.ntotal:,} vectors")
+        elif step == "tune":
+            from pipeline.index.tune import run_tune
+
+            t = run_tune(cfg, progress, use_ray=not local, force=force)
+            if t is not None:
+                click.echo(json.dumps(t.summary()))
         else:
             from pipeline.index.build import run_build
 
@@ -408,9 +418,12 @@ for _step, _spec, _help in (
     ("train", INDEX_TRAIN, "Register complete shards and train the index on a uniform sample (once)."),
     ("add", INDEX_ADD, "Add every registered shard that no recorded part holds (resumable)."),
     ("merge", INDEX_MERGE, "Merge new parts into new index shards (on-disk inverted lists) and write the manifest."),
-    ("build", INDEX_BUILD, "train + add + merge (each step skips what is already done)."),
+    ("tune", INDEX_TUNE, "Measure recall@10 against cost for a grid of nprobe and rerank depths on sampled corpus "
+                         "vectors; record the cheapest settings reaching target_recall (search uses them)."),
+    ("build", INDEX_BUILD, "train + add + merge + tune (each step skips what is already done)."),
 ):
-    command(index_group, _step, _spec.params(LOCAL_OPTION, quiet_option()), _index_step(_step, _spec), _help,
+    extra = (FORCE_OPTION,) if _step == "tune" else ()
+    command(index_group, _step, _spec.params(LOCAL_OPTION, quiet_option(), *extra), _index_step(_step, _spec), _help,
             renamed=RENAMED_COMMON)
 
 
@@ -446,7 +459,8 @@ command(index_group, "search", [
     click.Option(["--index", "index"], required=True, help="Built index folder (holds manifest.json)."),
     click.Option(["--queries", "queries"], required=True, help=".npy file of (n, dim) float query vectors."),
     click.Option(["--k", "k"], type=int, default=10, show_default=True, help="Results per query."),
-    click.Option(["--nprobe", "nprobe"], type=int, default=64, show_default=True, help="IVF lists probed."),
+    click.Option(["--nprobe", "nprobe"], type=int, default=0, show_default=True,
+                 help="IVF lists probed; 0 = what the index's tuning measured, else 64."),
     click.Option(["--rerank", "rerank"], type=int, default=0, show_default=True,
                  help="Fetch this many candidates and rescore them exactly on their stored vectors (0 = off)."),
     LOCAL_OPTION, *_storage_params()], _index_search,
@@ -506,7 +520,8 @@ SECTION_COMMANDS = {
     "ingest": [("replica ingest", INGEST)],
     "embed": [("replica embed", EMBED)],
     "index": [("replica index train", INDEX_TRAIN), ("replica index add", INDEX_ADD),
-              ("replica index merge", INDEX_MERGE), ("replica index build", INDEX_BUILD)],
+              ("replica index merge", INDEX_MERGE), ("replica index tune", INDEX_TUNE),
+              ("replica index build", INDEX_BUILD)],
     "import": [("replica import-embeddings", IMPORT)],
     "captions": [("replica captions", CAPTIONS)],
     "search": [("replica search", SEARCH)],

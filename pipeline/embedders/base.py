@@ -53,6 +53,26 @@ class Embedder(ABC):
         return self.embed_images([image]), [(0, 0, w, h)]
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency composited on white (as img2dataset stores such images): dropping
+    the alpha channel instead would show whatever colour the transparent pixels happen to hold.
+    16-bit and float images are scaled to their own range (PIL's own conversion clips them to
+    255, which turns most 16-bit photographs white)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        a = np.asarray(image, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        out.alpha_composite(rgba)
+        return out.convert("RGB")
+    return image.convert("RGB")
+
+
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
@@ -70,19 +90,19 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB. 16-bit and float images are scaled to their own range (PIL's own
-    conversion clips them to 255, which turns most 16-bit photographs white); alpha is dropped."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I") or image.mode == "F":
-        a = np.asarray(image, dtype=np.float32)
-        lo, hi = float(a.min()), float(a.max())
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        return Image.fromarray(a.astype(np.uint8), "L").convert("RGB")
-    return image.convert("RGB")
+def draft(image: Image.Image, side: int) -> Image.Image:
+    """Let a lazily opened JPEG decode at the smallest DCT scale whose sides are still >= ``side``
+    (a 1/2, 1/4 or 1/8 decode costs that much less); other images are left alone."""
+    if getattr(image, "format", None) == "JPEG":
+        try:
+            image.draft("RGB", (side, side))  # no-op once the image is loaded
+        except Exception:  # noqa: BLE001 - draft is only an optimisation
+            pass
+    return image
 
 
 def square_crop_uint8(image: Image.Image, size: int) -> np.ndarray:
-    """Resize the short side to ``size``, centre-crop a square: (size, size, 3) uint8."""
+    """Resize the short side to ``size``, centre-crop a square: (size, size, 3) uint8. A JPEG
+    decodes at reduced size when it is larger than it needs to be (:func:`draft`)."""
+    image = draft(image, size)
     return np.asarray(center_crop(resize_short_side(to_rgb(image), size), size), dtype=np.uint8)

@@ -50,12 +50,17 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import EmbedderConfig
-from pipeline.embedders.base import Embedder, l2_normalize, to_rgb
+from pipeline.embedders.base import Embedder, draft, l2_normalize, to_rgb
 from pipeline.errors import ConfigError
 from pipeline.storage import Storage, read_bytes
 
-#: Feature-code version. Changing the feature code means a new version and a new fit.
-VERSION = "gradpyr64-lw-v1"
+#: Feature-code version of new embeddings. Changing the feature code means a new version and a
+#: new fit; ``POLARITY_FOLDED`` lists every version this code computes (a whitening file names
+#: the one it was fitted for, so corpora embedded with an older version still search).
+VERSION = "gradpyr64-lw-v2"
+#: v2 folds each orientation bin with the opposite one (a + b, |a - b|): an edge keeps its
+#: features when a hue shift makes its darker side the brighter one.
+POLARITY_FOLDED = {"gradpyr64-lw-v1": False, "gradpyr64-lw-v2": True}
 INPUT_SIZE = 64
 #: Output dimension of the shipped whitening.
 DIM = 256
@@ -72,7 +77,11 @@ DEFAULT_REGION_SCALES = (0.75, 0.6, 0.5, 0.4)
 DEFAULT_REGION_STEP = 0.33
 
 DATA_DIR = Path(__file__).parent / "data"
+#: The whitening new embeddings use: fitted on the development benchmark's fit split.
 SHIPPED_WHITENING = DATA_DIR / f"{VERSION}.npz"
+#: Release 0.2's (v1 features, procedural scenes and bundled photographs): corpora embedded with it
+#: still search with ``embedder.checkpoint`` set to this file (its sha256 is in their identity).
+PREVIOUS_WHITENING = DATA_DIR / "gradpyr64-lw-v1.npz"
 
 _GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -110,7 +119,7 @@ def _directions() -> tuple[np.ndarray, np.ndarray]:
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def _orientation_pyramid(grey: np.ndarray, grids: tuple[int, ...]) -> list[np.ndarray]:
+def _orientation_pyramid(grey: np.ndarray, grids: tuple[int, ...], folded: bool) -> list[np.ndarray]:
     """grey (n, L, L) -> per grid g: (n, g, g, BINS) pooled oriented-gradient energy, sqrt'ed."""
     n, length = grey.shape[0], grey.shape[1]
     gx = np.zeros_like(grey)
@@ -133,6 +142,9 @@ def _orientation_pyramid(grey: np.ndarray, grids: tuple[int, ...]) -> list[np.nd
     pooled = (hist.reshape(n * BINS, length * length) @ _pooling_2d(length, grids)).reshape(n, BINS, -1)
     energy = mag.reshape(n, -1).mean(axis=1)[:, None, None] + 1e-3
     pooled = np.sqrt(np.maximum(pooled / energy, 0.0)).transpose(0, 2, 1)  # (n, cells, BINS)
+    if folded:  # bins b and b + 180 degrees -> their sum (unsigned orientation) and |difference|
+        a, b = pooled[..., : BINS // 2], pooled[..., BINS // 2:]
+        pooled = np.concatenate([a + b, np.abs(a - b)], axis=-1)
     out, start = [], 0
     for g in grids:
         out.append(pooled[:, start:start + g * g, :].reshape(n, g, g, BINS))
@@ -140,10 +152,16 @@ def _orientation_pyramid(grey: np.ndarray, grids: tuple[int, ...]) -> list[np.nd
     return out
 
 
-def _mirror_orientation_grid(g: int) -> np.ndarray:
-    """Index permutation of a flattened (g, g, BINS) block under a horizontal mirror."""
+def _mirror_orientation_grid(g: int, folded: bool) -> np.ndarray:
+    """Index permutation of a flattened (g, g, BINS) block under a horizontal mirror: a direction
+    at angle t goes to 180 - t; folded, orientation u (mod 180) goes to -u, in both halves."""
     idx = np.arange(g * g * BINS).reshape(g, g, BINS)
-    mirrored_bins = (BINS // 2 - np.arange(BINS)) % BINS
+    half = BINS // 2
+    if folded:
+        u = (-np.arange(half)) % half
+        mirrored_bins = np.concatenate([u, u + half])
+    else:
+        mirrored_bins = (half - np.arange(BINS)) % BINS
     return idx[:, ::-1, :][:, :, mirrored_bins].reshape(-1)
 
 
@@ -152,10 +170,10 @@ def _mirror_grid(g: int, channels: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def _mirror_permutation() -> np.ndarray:
+def _mirror_permutation(folded: bool = True) -> np.ndarray:
     parts, offset = [], 0
     for g in GRIDS_FULL + GRIDS_HALF:
-        parts.append(_mirror_orientation_grid(g) + offset)
+        parts.append(_mirror_orientation_grid(g, folded) + offset)
         offset += g * g * BINS
     parts.append(_mirror_grid(THUMB, 1) + offset)
     offset += THUMB * THUMB
@@ -164,8 +182,8 @@ def _mirror_permutation() -> np.ndarray:
 
 
 @lru_cache(maxsize=None)
-def _flip_invariant_index() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    perm = _mirror_permutation()
+def _flip_invariant_index(folded: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    perm = _mirror_permutation(folded)
     i = np.arange(len(perm))
     fixed = i[perm == i]
     first = i[i < perm]
@@ -176,8 +194,10 @@ def raw_dim() -> int:
     return len(_mirror_permutation())
 
 
-def raw_features(batch: np.ndarray) -> np.ndarray:
-    """(n, INPUT_SIZE, INPUT_SIZE, 3) uint8 -> (n, raw_dim()) float32, flip-invariant."""
+def raw_features(batch: np.ndarray, version: str = VERSION) -> np.ndarray:
+    """(n, INPUT_SIZE, INPUT_SIZE, 3) uint8 -> (n, raw_dim()) float32, flip-invariant, as
+    descriptor ``version`` computes them."""
+    folded = POLARITY_FOLDED[version]
     batch = np.asarray(batch)
     if batch.ndim != 4 or batch.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
         raise ValueError(f"expected (n, {INPUT_SIZE}, {INPUT_SIZE}, 3) uint8, got {batch.shape}")
@@ -185,7 +205,7 @@ def raw_features(batch: np.ndarray) -> np.ndarray:
     rgb = batch.astype(np.float32) * (1.0 / 255.0)
     grey = rgb @ _GREY
     half = grey.reshape(n, INPUT_SIZE // 2, 2, INPUT_SIZE // 2, 2).mean(axis=(2, 4))
-    feats = _orientation_pyramid(grey, GRIDS_FULL) + _orientation_pyramid(half, GRIDS_HALF)
+    feats = _orientation_pyramid(grey, GRIDS_FULL, folded) + _orientation_pyramid(half, GRIDS_HALF, folded)
     parts = [f.reshape(n, -1) for f in feats]
     # Standardised grey thumbnail and colour-opponent means (scaled by the grey contrast).
     k = INPUT_SIZE // THUMB
@@ -199,19 +219,14 @@ def raw_features(batch: np.ndarray) -> np.ndarray:
     opp = np.stack([o1, o2], axis=-1).reshape(n, COLOUR_GRID, c, COLOUR_GRID, c, 2).mean(axis=(2, 4))
     parts.append(opp.reshape(n, -1) / sd)
     f = np.concatenate(parts, axis=1)
-    fixed, first, second = _flip_invariant_index()
+    fixed, first, second = _flip_invariant_index(folded)
     a, b = f[:, first], f[:, second]
     return np.concatenate([2 * f[:, fixed], a + b, np.abs(a - b)], axis=1).astype(np.float32)
 
 
 def to_input(image: Image.Image) -> np.ndarray:
     """PIL image (lazily opened JPEGs decode at reduced size) -> (S, S, 3) uint8."""
-    if getattr(image, "format", None) == "JPEG":
-        try:
-            image.draft("RGB", (INPUT_SIZE, INPUT_SIZE))  # no-op once the image is loaded
-        except Exception:  # noqa: BLE001 - draft is only an optimisation
-            pass
-    image = to_rgb(image)
+    image = to_rgb(draft(image, INPUT_SIZE))
     small = image.resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR, reducing_gap=2.0)
     return np.asarray(small, dtype=np.uint8)
 
@@ -276,14 +291,23 @@ class Whitening:
                 )
         except Exception as exc:  # noqa: BLE001 - any format problem is a config problem
             raise ConfigError(f"{where} is not a default-descriptor whitening file (.npz): {exc}") from exc
-        if w.version != VERSION:
+        if w.version not in POLARITY_FOLDED:
             raise ConfigError(
                 f"{where} was fitted for descriptor version {w.version!r}, this code computes "
-                f"{VERSION!r}; refit it with `python -m pipeline.embedders.default_fit`"
+                f"{', '.join(POLARITY_FOLDED)}; refit it with `python -m pipeline.embedders.default_fit`"
             )
         if w.mean.shape != (raw_dim(),) or w.proj.ndim != 2 or w.proj.shape[0] != raw_dim():
             raise ConfigError(f"{where} has shapes {w.mean.shape}/{w.proj.shape}, expected ({raw_dim()},)/({raw_dim()}, d)")
         return w
+
+
+def shipped_whitening_for(identity: dict[str, Any]) -> str | None:
+    """The path of the shipped whitening a corpus identity names (its sha256), when it is not
+    the current one: corpora embedded with release 0.2's whitening search without a flag."""
+    weights = str(identity.get("weights", ""))
+    if PREVIOUS_WHITENING.is_file() and weights == "sha256:" + hashlib.sha256(PREVIOUS_WHITENING.read_bytes()).hexdigest():
+        return str(PREVIOUS_WHITENING)
+    return None
 
 
 def load_whitening(url: str | None = None, storage: Storage | None = None,
@@ -312,21 +336,10 @@ def load_whitening(url: str | None = None, storage: Storage | None = None,
 
 def region_boxes(width: int, height: int, scales: tuple[float, ...] | list[float] = DEFAULT_REGION_SCALES,
                  step: float = DEFAULT_REGION_STEP) -> list[tuple[int, int, int, int]]:
-    """Query-side windows ``(x0, y0, x1, y1)`` of a ``width`` x ``height`` image: the whole image,
-    then for each scale ``s`` windows of ``s`` times each side, spread evenly so that neighbours
-    are at most ``step`` of a window apart (n = ceil((1 - s) / (s * step)) + 1 per axis)."""
-    boxes: list[tuple[int, int, int, int]] = [(0, 0, width, height)]
-    for s in scales:
-        cw, ch = max(1, round(width * s)), max(1, round(height * s))
-        n = int(np.ceil((1 - s) / (s * step) - 1e-9)) + 1 if s < 1 else 1
-        for i in range(n):
-            for j in range(n):
-                x0 = round((width - cw) * j / max(1, n - 1))
-                y0 = round((height - ch) * i / max(1, n - 1))
-                box = (x0, y0, x0 + cw, y0 + ch)
-                if box not in boxes:
-                    boxes.append(box)
-    return boxes
+    """The query-side grid of windows (:func:`pipeline.embedders.regions.grid_boxes`)."""
+    from pipeline.embedders.regions import grid_boxes
+
+    return grid_boxes(width, height, scales, step)
 
 
 class DefaultDescriptor(Embedder):
@@ -348,7 +361,10 @@ class DefaultDescriptor(Embedder):
             raise ConfigError(f"embedder.query_region_scales must lie in [0.05, 1], got {list(self.region_scales)}")
         if not 0.05 <= self.region_step <= 1.0:
             raise ConfigError(f"embedder.query_region_step must lie in [0.05, 1], got {self.region_step}")
-        self.version = VERSION
+        self.object_regions = int(cfg.query_object_regions)
+        if self.object_regions < 0:
+            raise ConfigError(f"embedder.query_object_regions must be >= 0, got {self.object_regions}")
+        self.version = self.whitening.version  # an older whitening keeps its own features
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return to_input(image)
@@ -356,14 +372,19 @@ class DefaultDescriptor(Embedder):
     def embed(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.whitening.apply(raw_features(batch)).astype(np.float32)
+        return self.whitening.apply(raw_features(batch, self.version)).astype(np.float32)
 
     def embed_regions(self, image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+        from pipeline.embedders.regions import OBJECT_SIDES, object_boxes
+
         image = to_rgb(image)
         boxes = region_boxes(image.width, image.height, self.region_scales, self.region_step)
+        if self.region_scales:  # regions on: windows on objects too
+            boxes += [b for b in object_boxes(image, self.object_regions) if b not in boxes]
         # Work on a copy just large enough that the smallest window still has >= 2x the
         # descriptor's input pixels: every window then costs about the same, small, resize.
-        work_side = int(np.ceil(2 * INPUT_SIZE / min(self.region_scales or (1.0,))))
+        smallest = min((*self.region_scales, *(OBJECT_SIDES[:1] if self.object_regions else ())), default=1.0)
+        work_side = int(np.ceil(2 * INPUT_SIZE / smallest))
         f = min(1.0, work_side / max(image.size))
         work = image.resize((max(1, round(image.width * f)), max(1, round(image.height * f))), Image.BILINEAR,
                             reducing_gap=2.0) if f < 1.0 else image

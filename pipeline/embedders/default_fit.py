@@ -1,18 +1,16 @@
-"""Fit the default descriptor's learned whitening from data the project has.
+"""Fit the default descriptor's learned whitening on the development benchmark's fit split.
 
     python -m pipeline.embedders.default_fit                 # rewrites the shipped file
     python -m pipeline.embedders.default_fit --out my.npz    # an alternative (embedder.checkpoint)
 
-Training images: procedural scenes (seeds from ``FIT_SEED0`` on, never used by the benchmark)
-and the part ``FIT_PART`` of the photo tiles of :func:`pipeline.synthetic_images.photo_tiles` (the
-benchmark builds its corpus and distractors from the other parts, so no pixel is shared).
-Each training image gets edited copies (:data:`pipeline.synthetic_images.EDITS` plus stronger crops,
-which stand for the query-side region windows); the whitening is the "learned whitening" of
-Radenovic et al. (TPAMI 2018): whiten the covariance of (image - copy) differences, then keep
-the directions of largest variance between images.
-
-Photos need scikit-image / matplotlib / scikit-learn (the ``dev`` extra); without them the
-fit uses procedural scenes only (and says so in the file's ``meta``).
+Training images: the ``fit`` split of :mod:`pipeline.devset` (real photographs, icons,
+paintings and rendered text from pinned Debian packages, fetched once into ``--devset-cache``;
+the validation and test splits are never read), optionally with procedural scenes
+(``--scenes``). Each image gets edited copies (:data:`pipeline.synthetic_images.EDITS` -- which
+include 65%-area crops, 10 degree rotations and hue shifts that flip brightness -- plus strong
+crops and pasted-object windows, which stand for the query-side regions); the whitening is the
+"learned whitening" of Radenovic et al. (TPAMI 2018): whiten the covariance of (image - copy)
+differences, then keep the directions of largest variance between images.
 """
 from __future__ import annotations
 
@@ -23,18 +21,16 @@ import numpy as np
 from PIL import Image
 
 from pipeline import synthetic_images as synthetic
+from pipeline.embedders.base import to_rgb
 from pipeline.embedders.default import DIM, SHIPPED_WHITENING, VERSION, Whitening, raw_features, to_input
 
-#: Photo tiles: 3 disjoint parts. 0 = benchmark corpus, 1 = benchmark distractors, 2 = fit.
-PHOTO_TILE = 128
-PHOTO_PARTS = 3
-FIT_PART = 2
-#: First procedural-scene seed of the fit set (the benchmark uses seeds below 1_000_000).
+#: First procedural-scene seed of the fit set (the demo and tests use seeds below it).
 FIT_SEED0 = 1_000_000
+DEVSET_CACHE = "/tmp/replica-devset"
 
 
 def strong_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A window of 40-100% of each side: what a query-side region sees of a pasted object."""
+    """A window of 50-100% of each side: what a query-side region sees of a pasted object."""
     w, h = image.size
     fw, fh = rng.uniform(0.5, 1.0), rng.uniform(0.5, 1.0)
     cw, ch = max(8, round(w * fw)), max(8, round(h * fh))
@@ -42,28 +38,23 @@ def strong_crop(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return image.crop((x0, y0, x0 + cw, y0 + ch))
 
 
-def fit_images(n_scenes: int = 3000, photo_crops: int = 8, seed: int = 0,
-               photos: bool = True) -> tuple[list[Image.Image], dict]:
-    """Training images and a description of them (recorded in the whitening's meta)."""
+def fit_images(n_scenes: int = 0, devset_cache: str | None = DEVSET_CACHE,
+               seed: int = 0) -> tuple[list[Image.Image], dict]:
+    """Training images (RGBA kept: pasted-object windows use the alpha) and their description."""
     rng = np.random.default_rng(seed)
     images: list[Image.Image] = []
     for s in range(FIT_SEED0, FIT_SEED0 + n_scenes):
         w, h = int(rng.integers(200, 420)), int(rng.integers(160, 360))
         images.append(synthetic.scene(s, (w, h)))
-    tiles = synthetic.photo_tiles(PHOTO_TILE, PHOTO_PARTS, FIT_PART, out_short=None) if photos else []
-    # Each fit tile also yields a few random sub-windows, so photos weigh more than their count.
-    for _, tile in tiles:
-        images.append(tile)
-        for _ in range(photo_crops):
-            images.append(strong_crop(tile, rng).resize((160, 160), Image.BICUBIC))
-    desc = {
-        "procedural_scenes": n_scenes,
-        "procedural_seeds": [FIT_SEED0, FIT_SEED0 + n_scenes],
-        "photo_tiles": len(tiles),
-        "photo_tile_px": PHOTO_TILE,
-        "photo_part": f"{FIT_PART} of {PHOTO_PARTS}",
-        "photo_sources": sorted({name.split("/")[0] for name, _ in tiles}),
-    }
+    desc: dict = {"procedural_scenes": n_scenes, "procedural_seeds": [FIT_SEED0, FIT_SEED0 + n_scenes]}
+    if devset_cache:
+        from pipeline import devset
+        from pipeline.layout.devset import MANIFEST
+
+        fit = [it for it in devset.load(devset_cache, MANIFEST) if it.split == "fit"]
+        images += [it.image() for it in fit]
+        desc["devset_fit_images"] = {c: sum(it.category == c for it in fit) for c in devset.CATEGORIES}
+        desc["devset_packages"] = [f"{name}={version}" for name, version in devset.PACKAGES]
     return images, desc
 
 
@@ -81,15 +72,16 @@ def paste_window(image: Image.Image, scene: Image.Image, rng: np.random.Generato
 def copies(image: Image.Image, rng: np.random.Generator, n: int, scenes: list[Image.Image]) -> list[Image.Image]:
     """``n`` edited copies of ``image``: the public edits, strong crops and pasted-object windows."""
     names = list(synthetic.EDITS) + ["strong_crop", "paste_window", "paste_window"]
+    flat = to_rgb(image)
     out = []
     for _ in range(n):
         name = names[int(rng.integers(len(names)))]
         if name == "strong_crop":
-            out.append(strong_crop(image, rng))
+            out.append(strong_crop(flat, rng))
         elif name == "paste_window":
             out.append(paste_window(image, scenes[int(rng.integers(len(scenes)))], rng))
         else:
-            out.append(synthetic.EDITS[name](image, rng))
+            out.append(synthetic.EDITS[name](flat, rng))
     return out
 
 
@@ -121,20 +113,21 @@ def learn_whitening(x: np.ndarray, x_copy: np.ndarray, pair_of: np.ndarray, dim:
     return mean, proj * signs, evals2[order]
 
 
-def fit(n_scenes: int = 3000, copies_per_image: int = 3, dim: int = DIM, seed: int = 0,
-        shrink: float = 0.02, verbose: bool = True, photos: bool = True) -> Whitening:
+def fit(n_scenes: int = 0, copies_per_image: int = 8, dim: int = DIM, seed: int = 0,
+        shrink: float = 0.02, verbose: bool = True, devset_cache: str | None = DEVSET_CACHE) -> Whitening:
     t0 = time.perf_counter()
-    images, desc = fit_images(n_scenes, seed=seed, photos=photos)
+    images, desc = fit_images(n_scenes, devset_cache, seed=seed)
     rng = np.random.default_rng(seed + 1)
     copy_images, pair_of = [], []
-    scenes = images[:n_scenes] or images
+    # Pasted-object windows land on the training set's larger pictures.
+    scenes = [to_rgb(im) for im in images if min(im.size) >= 200] or [to_rgb(im) for im in images]
     for i, im in enumerate(images):
         for c in copies(im, rng, copies_per_image, scenes):
             copy_images.append(c)
             pair_of.append(i)
     if verbose:
         print(f"fit: {len(images)} images, {len(copy_images)} edited copies ({time.perf_counter() - t0:.0f}s)")
-    x = _features(images)
+    x = _features([to_rgb(im) for im in images])
     x_copy = _features(copy_images)
     mean, proj, evals = learn_whitening(x, x_copy, np.asarray(pair_of), dim=dim, shrink=shrink)
     meta = {
@@ -155,15 +148,16 @@ def fit(n_scenes: int = 3000, copies_per_image: int = 3, dim: int = DIM, seed: i
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(SHIPPED_WHITENING), help="output .npz (default: the shipped file)")
-    ap.add_argument("--scenes", type=int, default=3000, help="procedural training scenes")
-    ap.add_argument("--copies", type=int, default=3, help="edited copies per training image")
+    ap.add_argument("--scenes", type=int, default=0, help="procedural training scenes besides the real images")
+    ap.add_argument("--copies", type=int, default=8, help="edited copies per training image")
+    ap.add_argument("--devset-cache", default=DEVSET_CACHE, help="where the benchmark's packages are fetched to")
     ap.add_argument("--dim", type=int, default=DIM)
     ap.add_argument("--shrink", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    w = fit(args.scenes, args.copies, args.dim, args.seed, args.shrink)
+    w = fit(args.scenes, args.copies, args.dim, args.seed, args.shrink, devset_cache=args.devset_cache)
     sha = w.save(args.out)
-    print(f"wrote {args.out} ({VERSION}, dim {w.dim}) sha256:{sha}")
+    print(f"wrote {args.out} ({w.version}, dim {w.dim}) sha256:{sha}")
 
 
 if __name__ == "__main__":

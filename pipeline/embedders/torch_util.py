@@ -76,6 +76,8 @@ class TorchImageEmbedder:
             "model": self.arch,
             "weights": self.weights,
             "dim": self.dim,
-            "preprocess": f"resize_short={self.image_size},center_crop={self.image_size},"
+            # jpeg-draft: JPEGs decode at the smallest DCT scale still >= image_size (vectors differ
+            # slightly from a full decode, hence its own identity).
+            "preprocess": f"jpeg-draft,resize_short={self.image_size},center_crop={self.image_size},"
             f"mean={list(self.mean)},std={list(self.std)}",
         }

@@ -9,6 +9,7 @@ from pipeline.index.add import run_add
 from pipeline.index.merge import run_merge
 from pipeline.index.plan import plan_index
 from pipeline.index.train import run_train
+from pipeline.index.tune import run_tune
 from pipeline.layout.index import Manifest
 from pipeline.progress import NullProgress, Progress
 
@@ -21,8 +22,8 @@ class BuildResult:
 
 
 def run_build(cfg: IndexConfig, progress: Progress | None = None, *, use_ray: bool = True) -> BuildResult:
-    """Train (once), add every shard not yet added, merge new parts. Every step is idempotent,
-    so rerunning resumes."""
+    """Train (once), add every shard not yet added, merge new parts, tune when the index is new or
+    grew past ``retune_growth``. Every step is idempotent, so rerunning resumes."""
     progress = progress or NullProgress()
     plan_index(cfg)
     timings = {}
@@ -35,4 +36,9 @@ def run_build(cfg: IndexConfig, progress: Progress | None = None, *, use_ray: bo
     t = time.time()
     manifest = run_merge(cfg, progress, use_ray=use_ray)
     timings["merge"] = round(time.time() - t, 3)
+    if cfg.tune:
+        t = time.time()
+        run_tune(cfg, progress, use_ray=use_ray)
+        manifest = plan_index(cfg).index.read_manifest()
+        timings["tune"] = round(time.time() - t, 3)
     return BuildResult(manifest, timings)

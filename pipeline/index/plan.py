@@ -33,9 +33,11 @@ def plan_index(cfg: IndexConfig, needs_embeddings: bool = True) -> IndexPlan:
     if cfg.train_device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"index.train_device must be auto, cpu or cuda, got {cfg.train_device!r}")
     metric_of(cfg.metric)
-    for name in ("group_size", "nprobe", "train_max_shards"):
+    for name in ("group_size", "train_max_shards", "tune_queries"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"index.{name} must be >= 1, got {getattr(cfg, name)}")
+    if not 0 < cfg.target_recall <= 1:
+        raise ConfigError(f"index.target_recall must be in (0, 1], got {cfg.target_recall}")
     if cfg.merge_fanin < 2:  # a fan-in of 1 would re-merge single parts forever
         raise ConfigError(f"index.merge_fanin must be >= 2, got {cfg.merge_fanin}")
     if cfg.shard_memory_gb <= 0:

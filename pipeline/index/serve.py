@@ -101,6 +101,7 @@ class CoarseQuantizer:
         if self.pretransform is not None:
             x = self._transform(x)
         quant = faiss.downcast_index(self.ivf.quantizer)
+        nprobe = min(int(nprobe), int(self.ivf.nlist))  # probing more lists than exist is probing all
         if isinstance(quant, faiss.IndexHNSW):
             quant.hnsw.efSearch = max(int(nprobe) * 2, 64)
         d, i = quant.search(x, int(nprobe))
@@ -204,7 +205,7 @@ class IndexSearcher:
         index: IndexFolder,
         *,
         identity: dict[str, Any] | None = None,
-        nprobe: int = 64,
+        nprobe: int = 0,
         use_ray: bool = True,
         num_actors: int = 0,
         cpus_per_actor: float = 1,
@@ -220,7 +221,8 @@ class IndexSearcher:
             raise ConfigError(f"index {index.url!r} has no index shards yet: run `replica index merge`")
         self.dim = int(self.manifest.dim)
         self.metric = self.manifest.metric
-        self.nprobe = nprobe
+        # 0: what the index's tuning measured, else 64
+        self.nprobe = int(nprobe or (self.manifest.tuned or {}).get("nprobe") or 64)
         self.ntotal = int(self.manifest.ntotal)
         shards = self.manifest.shards
         if any(not s.numbers for s in shards):  # an index of 0.1: which shards hold what, from the ledger

@@ -101,6 +101,7 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         for _ in range(2):
             if self._create():
+                self._remove_orphan_temporaries()
                 self._thread = threading.Thread(target=self._beat, name="replica-lock-heartbeat", daemon=True)
                 self._thread.start()
                 return self
@@ -145,12 +146,27 @@ class OutputLock:
             except Exception:  # noqa: BLE001 - a missed heartbeat is retried at the next tick
                 pass
 
+    def _remove_orphan_temporaries(self) -> None:
+        """Delete the hidden temporaries of local atomic writes (storage.atomic_output) that a
+        killed writer left in the folder. Only the lock holder writes there, and it calls this
+        before its run writes and after it ends, so none of them is in use."""
+        if not self.folder.local:
+            return  # object stores are written in place: no temporaries
+        for root, _dirs, files in os.walk(local_path(self.folder.url)):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    try:
+                        os.remove(os.path.join(root, name))
+                    except OSError:
+                        pass
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         held = self.holder()
         if held is not None and held.owner == self.info.owner:
+            self._remove_orphan_temporaries()
             self.folder.remove(self.name)
         if self.folder.local:  # a run refused before writing anything leaves no empty folder behind
             try:

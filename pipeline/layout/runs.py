@@ -75,10 +75,13 @@ def matches_schema() -> pa.Schema:
             pa.field("tar_offset", pa.int64()),
             pa.field("tar_size", pa.int64()),
             # Scores: ANN estimate, exact cosine on stored vectors, optional second descriptor,
-            # and the final score that thresholds apply to.
+            # the descriptor similarity the paper's thresholds apply to (score_rerank when there
+            # is a second stage, else score_exact), and the final score (pipeline/scoring.py: all
+            # evidence, calibrated; rank order, the calibrated threshold and the report use it).
             pa.field("score_index", pa.float32()),
             pa.field("score_exact", pa.float32()),
             pa.field("score_rerank", pa.float32()),
+            pa.field("similarity", pa.float32()),
             pa.field("score", pa.float32(), nullable=False),
             # Which query region matched, and where it lies in the query.
             pa.field("region", pa.int32()),
@@ -86,6 +89,7 @@ def matches_schema() -> pa.Schema:
             pa.field("in_subset", pa.bool_()),
             # Local-feature verification (null when not run for this match).
             pa.field("inliers", pa.int32()),
+            pa.field("tentative_matches", pa.int32()),
             pa.field("verify_score", pa.float32()),
             pa.field("query_box", BOX),
             pa.field("match_box", BOX),
@@ -111,10 +115,15 @@ def queries_schema() -> pa.Schema:
             pa.field("width", pa.int32()),
             pa.field("height", pa.int32()),
             # Null when the query had no match at all (e.g. everything blocklisted).
+            # The rank-1 match: its final score and key.
             pa.field("best_score", pa.float32()),
             pa.field("best_match_key", pa.string()),
             pa.field("best_score_in_subset", pa.float32()),
             pa.field("best_score_outside_subset", pa.float32()),
+            # The largest descriptor similarity among the matches (the paper's top-1 similarity).
+            pa.field("best_similarity", pa.float32()),
+            pa.field("best_similarity_in_subset", pa.float32()),
+            pa.field("best_similarity_outside_subset", pa.float32()),
             pa.field("replicated", pa.bool_()),
             pa.field("copy_outside_subset_only", pa.bool_()),
         ]
@@ -132,6 +141,9 @@ def baseline_schema() -> pa.Schema:
             pa.field("top1_key", pa.string()),
             # Best match excluding the sample itself and its near-duplicates.
             pa.field("top1_score_no_dups", pa.float32()),
+            # The largest descriptor similarity, with and without near-duplicates.
+            pa.field("top1_similarity", pa.float32()),
+            pa.field("top1_similarity_no_dups", pa.float32()),
             pa.field("near_dup_count", pa.int32()),
         ]
     )
@@ -147,6 +159,15 @@ def query_inputs_schema() -> pa.Schema:
             pa.field("prompt", pa.string()),
         ]
     )
+
+#: Columns added in release 0.3, and what they are in a run written before: the old ``score``
+#: columns were the descriptor similarity (no final score existed), tentative matches unknown.
+FILLED_FROM_0_2 = {
+    MATCHES: {"similarity": "score", "tentative_matches": None},
+    QUERIES: {"best_similarity": "best_score", "best_similarity_in_subset": "best_score_in_subset",
+              "best_similarity_outside_subset": "best_score_outside_subset"},
+    BASELINE: {"top1_similarity": "top1_score", "top1_similarity_no_dups": "top1_score_no_dups"},
+}
 
 
 TABLE_SCHEMAS = {QUERIES: queries_schema, MATCHES: matches_schema, BASELINE: baseline_schema,
@@ -172,6 +193,8 @@ class RunRecord:
     verify: dict[str, Any] | None = None
     #: {"replication": 0.5, "duplicate": 0.95, "calibrated": ...}
     thresholds: dict[str, float | None] = field(default_factory=dict)
+    #: the final-score model: sha256, what it was fitted for, its features, whether fitted
+    score_model: dict[str, Any] | None = None
     fpr: float | None = None
     index: dict[str, Any] = field(default_factory=dict)
     coverage: dict[str, Any] = field(default_factory=dict)
@@ -363,6 +386,10 @@ class RunFolder(Folder):
         # A file object, not a path: pyarrow would otherwise add run_id from the hive directory name.
         with self.open(name) as f:
             table = pq.read_table(f)
+        for column, source in FILLED_FROM_0_2.get(name, {}).items():
+            if column not in table.column_names and (source is None or source in table.column_names):
+                values = table.column(source) if source else pa.nulls(table.num_rows, schema.field(column).type)
+                table = table.append_column(column, values)
         missing = [n for n in schema.names if n not in table.column_names]
         if missing:
             raise MismatchError(f"{self.child(name)} lacks column(s) {', '.join(missing)}: "

@@ -37,12 +37,15 @@ def run_report(run: RunFolder, top: int = 5, max_queries: int = 200) -> RunSumma
     data = run.load()
     summary = summarize(data)
     baseline = data.baseline
+    from pipeline.report.summary import score_column
+
     png = render_histogram(
         data.queries.column("best_score").to_pylist(),
         baseline.column("top1_score").to_pylist() if baseline is not None else None,
-        summary.thresholds,
+        # The histogram is of final scores: the thresholds on the similarity have another axis.
+        {name: t for name, t in summary.thresholds.items() if score_column(name) == "score"},
         baseline.column("top1_score_no_dups").to_pylist() if baseline is not None else None,
-        title=f"Top-1 similarity, run {summary.run_id}",
+        title=f"Top-1 final score, run {summary.run_id}",
     )
     run.write_report(png, render_gallery(data, summary, png, top=top, max_queries=max_queries,
                                          storage=run.storage), summary)

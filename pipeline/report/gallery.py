@@ -142,10 +142,12 @@ def render_gallery(data: RunData, summary: RunSummary, histogram_png: bytes | No
                 extra.append(f"{m['inliers']} inliers")
             if m["verify_score"] is not None:
                 extra.append(f"verify {fmt(m['verify_score'])}")
+            if m["similarity"] is not None:
+                extra.append(f"similarity {fmt(m['similarity'])}")
             view.append({
                 "rank": m["rank"], "key": m["match_key"], "score": m["score"], "colour": colour,
                 "in_subset": bool(m["in_subset"]),
-                "duplicate": m["score"] is not None and m["score"] >= thresholds["duplicate"],
+                "duplicate": m["similarity"] is not None and m["similarity"] >= thresholds["duplicate"],
                 "caption": m["caption"], "href": safe_href(m["url"]), "url_text": (m["url"] or "")[:90],
                 "extra": extra,
                 "pic": {"uri": img.get("uri"), "width": img.get("width", 0), "height": img.get("height", 0),

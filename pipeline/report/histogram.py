@@ -42,7 +42,7 @@ def render_histogram(
     for name, t in thresholds.items():
         colour, style = styles.get(name, ("#ff7f0e", "--"))
         ax.axvline(t, color=colour, linestyle=style, linewidth=1.5, label=f"{name} threshold {t:.3f}")
-    ax.set_xlabel("top-1 similarity score")
+    ax.set_xlabel("top-1 final score (pipeline.scoring)")
     ax.set_ylabel("density")
     ax.set_xlim(lo, hi)
     ax.set_title(title or "Top-1 similarity: generations vs training set")

@@ -9,8 +9,15 @@ import numpy as np
 from pipeline.layout.runs import BASELINE, RUN_JSON, RunData, RunSummary
 from pipeline.report.stats import at_least, calibrate_threshold, exceedance_rate, finite, proportion, score_stats
 
-#: The paper's thresholds (SSCD descriptor), used when run.json does not name its own.
+#: The paper's thresholds (SSCD descriptor), used when run.json does not name its own. They
+#: apply to the descriptor similarity columns; every other threshold (the calibrated one) to
+#: the final score.
 DEFAULT_THRESHOLDS = {"replication": 0.5, "duplicate": 0.95}
+
+
+def score_column(threshold: str) -> str:
+    """``similarity`` for the paper's thresholds, ``score`` (the final score) for the others."""
+    return "similarity" if threshold in DEFAULT_THRESHOLDS else "score"
 DEFAULT_FPR = 0.01
 
 LOWER_BOUND_NOTE = (
@@ -46,19 +53,28 @@ def summarize(data: RunData) -> RunSummary:
     best = q.column("best_score").to_pylist()
     best_in = q.column("best_score_in_subset").to_pylist()
     best_out = q.column("best_score_outside_subset").to_pylist()
+    sim = q.column("best_similarity").to_pylist()
+    sim_in = q.column("best_similarity_in_subset").to_pylist()
+    sim_out = q.column("best_similarity_outside_subset").to_pylist()
 
     baseline: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     b_top1: list[float | None] = []
     b_nodup: list[float | None] = []
+    b_sim: list[float | None] = []
+    b_sim_nodup: list[float | None] = []
     if data.baseline is not None and data.baseline.num_rows:
         b_top1 = data.baseline.column("top1_score").to_pylist()
         b_nodup = data.baseline.column("top1_score_no_dups").to_pylist()
+        b_sim = data.baseline.column("top1_similarity").to_pylist()
+        b_sim_nodup = data.baseline.column("top1_similarity_no_dups").to_pylist()
         near = finite(data.baseline.column("near_dup_count").to_pylist())
         baseline = {
             "samples": data.baseline.num_rows,
             "top1": score_stats(b_top1),
             "top1_no_dups": score_stats(b_nodup),
+            "top1_similarity": score_stats(b_sim),
+            "top1_similarity_no_dups": score_stats(b_sim_nodup),
             "samples_with_near_duplicates": int((near > 0).sum()),
             "near_dup_count_mean": float(near.mean()) if len(near) else None,
         }
@@ -86,17 +102,21 @@ def summarize(data: RunData) -> RunSummary:
 
     replication: dict[str, Any] = {}
     for name, t in thresholds.items():
-        hit_in, hit_out = at_least(best_in, t), at_least(best_out, t)
+        on_similarity = score_column(name) == "similarity"
+        q_all, q_in, q_out = (sim, sim_in, sim_out) if on_similarity else (best, best_in, best_out)
+        b_with, b_without = (b_sim, b_sim_nodup) if on_similarity else (b_top1, b_nodup)
+        hit_in, hit_out = at_least(q_in, t), at_least(q_out, t)
         entry: dict[str, Any] = {
             "threshold": t,
-            "all": proportion(at_least(best, t)),
+            "applies_to": score_column(name),
+            "all": proportion(at_least(q_all, t)),
             "in_subset": proportion(hit_in),
             "outside_subset": proportion(hit_out),
             "outside_subset_only": proportion(hit_out & ~hit_in),
         }
         if baseline is not None:
-            entry["baseline_fpr"] = proportion(at_least(b_nodup, t)) if len(finite(b_nodup)) else None
-            entry["baseline_fpr_with_dups"] = proportion(at_least(b_top1, t)) if len(finite(b_top1)) else None
+            entry["baseline_fpr"] = proportion(at_least(b_without, t)) if len(finite(b_without)) else None
+            entry["baseline_fpr_with_dups"] = proportion(at_least(b_with, t)) if len(finite(b_with)) else None
             baseline.setdefault("rates", {})[name] = {
                 "threshold": t,
                 "top1": entry["baseline_fpr_with_dups"],
@@ -112,9 +132,11 @@ def summarize(data: RunData) -> RunSummary:
         "count": q.num_rows,
         "with_matches": int(sum(s is not None for s in best)),
         "top1": {"all": score_stats(best), "in_subset": score_stats(best_in), "outside_subset": score_stats(best_out)},
-        "near_duplicates": int(at_least(best, thresholds["duplicate"]).sum()),
-        "near_duplicates_in_subset": int(at_least(best_in, thresholds["duplicate"]).sum()),
-        "near_duplicates_outside_subset": int(at_least(best_out, thresholds["duplicate"]).sum()),
+        "top1_similarity": {"all": score_stats(sim), "in_subset": score_stats(sim_in),
+                            "outside_subset": score_stats(sim_out)},
+        "near_duplicates": int(at_least(sim, thresholds["duplicate"]).sum()),
+        "near_duplicates_in_subset": int(at_least(sim_in, thresholds["duplicate"]).sum()),
+        "near_duplicates_outside_subset": int(at_least(sim_out, thresholds["duplicate"]).sum()),
         "matched_images_with_training_copies": int((dup_sizes > 1).sum()),
     }
 
@@ -122,10 +144,13 @@ def summarize(data: RunData) -> RunSummary:
     embedder_name = (
         str(embedder.get("embedder") or embedder.get("name") or "") if isinstance(embedder, dict) else str(embedder)
     )
+    rerank = run.get("rerank") or {}
+    if rerank.get("embedder"):  # the similarity column is the second stage's
+        embedder_name = str(rerank["embedder"])
     if "sscd" not in embedder_name.lower():
         warnings.append(
-            f"the paper's thresholds (0.5, 0.95) are meaningful for SSCD descriptors; this run used "
-            f"{embedder_name or 'an unnamed embedder'}: read rates at the calibrated threshold"
+            f"the paper's thresholds (0.5, 0.95) are meaningful for SSCD similarities; this run's similarity is "
+            f"{embedder_name or 'an unnamed embedder'}'s: read rates at the calibrated threshold (final score)"
         )
 
     coverage = dict(run.get("coverage") or {})
