@@ -65,6 +65,30 @@ class EmbedderConfig:
 
 
 @dataclass
+class DescriptorWeights:
+    """The weights of a second-stage descriptor (its name comes from `search.rerank`)."""
+
+    #: architecture: open_clip's (e.g. "ViT-L-14") or a timm ViT for dino (e.g. "vit_base_patch16_224.dino")
+    model: str | None = None
+    #: open_clip pretrained tag (downloaded by open_clip on a networked cluster)
+    pretrained: str | None = None
+    #: local path or fsspec URL of the weights (SSCD TorchScript, DINO state_dict/.safetensors, open_clip checkpoint)
+    checkpoint: str | None = None
+    #: the sha256 the checkpoint file must have; empty = not checked
+    checkpoint_sha256: str | None = None
+    #: JSON of a custom architecture (open_clip model config; dino: timm create_model arguments)
+    model_config: str | None = None
+    #: preprocessing: resize short side to this many pixels, then centre-crop a square; empty = the model's
+    image_size: int | None = None
+    #: "auto" (CUDA when present), "cpu" or "cuda"
+    device: str = choice("auto", "auto", "cpu", "cuda")
+
+    def embedder(self, name: str) -> EmbedderConfig:
+        """The embedder settings of descriptor ``name`` with these weights."""
+        return EmbedderConfig(name=name, **dataclasses.asdict(self))
+
+
+@dataclass
 class RayConfig:
     #: Ray address ("auto", "ray://host:10001"); empty = RAY_ADDRESS or a local Ray
     address: str | None = None
@@ -307,10 +331,28 @@ class SearchConfig:
     nprobe: int = 0
     #: also search several regions of each query (when the embedder offers it)
     regions: bool = True
-    #: optional second-stage descriptor computed on candidate pixels (e.g. sscd); empty name = off
-    rerank: EmbedderConfig = field(default_factory=lambda: EmbedderConfig(name=""))
+    #: second-stage descriptors computed on the pixels of each query's best rerank_top candidates, each
+    #: writing score_<name>: sscd, dino, dino-split (DCR's split-product of DINO tokens), open_clip, default.
+    #: The first one's similarity is the one thresholds and the final score read; empty = off
+    rerank: list[str] = field(default_factory=list)
     #: candidates per query given to the second stage (fetched by ranged reads)
     rerank_top: int = 20
+    #: dino-split: pieces the flattened, L2-normalised tokens are cut into; 0 = one per token (DCR's default)
+    rerank_chunks: int = 0
+    #: dino-split: compare every pair of pieces (DCR's "cross" variant) instead of corresponding pieces
+    rerank_cross: bool = False
+    #: weights of the sscd descriptor (a TorchScript file) when `rerank` lists it
+    sscd: DescriptorWeights = field(default_factory=DescriptorWeights)
+    #: weights of the dino and dino-split descriptors (a timm ViT name and its checkpoint)
+    dino: DescriptorWeights = field(default_factory=DescriptorWeights)
+    #: weights of the open_clip descriptor (an architecture and a pretrained tag or checkpoint)
+    clip: DescriptorWeights = field(default_factory=DescriptorWeights)
+    #: nL2 (Carlini et al.) of each match: this many of the query's best candidates are fetched and stand
+    #: for its nearest training images (docs/RESULTS.md); 0 = off
+    nl2_neighbours: int = 50
+    #: caption-counts folder written by `replica captions` on the index's embeddings; each match gets
+    #: how many training images carry its caption; empty = not counted
+    captions: str = ""
     #: local-feature verification of the best N candidates per query; 0 = off
     verify_top: int = 10
     #: final-score model (JSON from bench/copy_detection.py --fit) for the descriptor whose similarity
@@ -416,10 +458,35 @@ RENAMED_KEYS = {
 }
 
 
+#: the section of `search` holding the weights of each second-stage embedder
+RERANK_WEIGHTS = {"sscd": "sscd", "dino": "dino", "open_clip": "clip", "default": None}
+
+
+def upgrade_rerank(data: dict[str, Any]) -> list[str]:
+    """Last release's `search.rerank` (one embedder section) as today's list and weights section, in place."""
+    old = data.get("rerank")
+    if not isinstance(old, dict):
+        return []
+    name = str(old.get("name") or "")
+    data["rerank"] = [name] if name else []
+    if not name:
+        return []
+    if name not in RERANK_WEIGHTS:
+        raise ConfigError(f"search.rerank names embedder {name!r}; second-stage descriptors are "
+                          f"{', '.join(RERANK_WEIGHTS)}, dino-split")
+    weights = {k: v for k, v in old.items() if k not in ("name", "query_region_scales", "query_region_step",
+                                                          "query_object_regions")}
+    if RERANK_WEIGHTS[name] and weights:
+        data[RERANK_WEIGHTS[name]] = {**weights, **(data.get(RERANK_WEIGHTS[name]) or {})}
+    where = f" and its weights under `{RERANK_WEIGHTS[name]}:`" if RERANK_WEIGHTS[name] else ""
+    return [f"search.rerank as one embedder section is deprecated; use `rerank: [{name}]`{where} "
+            "(accepted until the next release)"]
+
+
 def upgrade_names(section: str, data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Rename last release's keys of one section to today's; returns the data and a warning per rename."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    notes: list[str] = []
+    notes: list[str] = upgrade_rerank(data) if section == "search" else []
     for old, why in REMOVED_KEYS.get(section, {}).items():
         if data.pop(old, None) is not None:
             notes.append(f"config key {section}.{old} is no longer read and was ignored: {why}")

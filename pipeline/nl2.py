@@ -72,11 +72,22 @@ def nl2_of_images(query: Image.Image, candidates: Sequence[Image.Image], n: int 
     return normalized_l2(q, c, ref, alpha), len(ref)
 
 
-def nl2_of_rows(image: Image.Image, rows: list[dict], storage, top: int) -> tuple[list[float], int]:
-    """A Ray task: a query's best candidates (rows with their tar byte ranges, best first) fetched,
-    all of them standing for S(g); the nL2 of the first ``top``, and how many references there were."""
+def nl2_of_rows(image: Image.Image, reference_rows: list[dict], match_rows: list[dict], storage) -> tuple[list[float], int]:
+    """A Ray task: the nL2 of each match of a query, its best candidates (``reference_rows``, rows
+    with their tar byte ranges) standing for S(g); each image is fetched once. Returns the scores
+    and how many references there were."""
     from pipeline.verify import load_candidate
 
-    images = [load_candidate(r["tar_url"], r["tar_offset"], r["tar_size"], storage) for r in rows]
-    scores, used = nl2_of_images(image, images, n=len(images))
-    return [float(s) for s in scores[:top]], used
+    def key(r: dict) -> tuple:
+        return r["tar_url"], int(r["tar_offset"]), int(r["tar_size"])
+
+    fetched: dict[tuple, np.ndarray] = {}
+    for r in [*reference_rows, *match_rows]:
+        if key(r) not in fetched:
+            fetched[key(r)] = pixels(load_candidate(r["tar_url"], r["tar_offset"], r["tar_size"], storage))
+    if not reference_rows or not match_rows:
+        return [], len(reference_rows)
+    q = pixels(image)
+    scores = normalized_l2(q, np.stack([fetched[key(r)] for r in match_rows]),
+                           np.stack([fetched[key(r)] for r in reference_rows]))
+    return [float(x) for x in scores], len(reference_rows)

@@ -7,12 +7,16 @@ For each query (a generated image):
   3. rescore every candidate exactly on its stored vector; a corpus image's score is its best
      over the query's regions;
   4. drop blocklisted candidates (by key, URL or image hash) before any pixels are fetched;
-  5. optionally rescore the best ``rerank_top`` with a second descriptor on their pixels
-     (fetched by ranged reads from the corpus tars), and verify the best ``verify_top`` (plus
+  5. optionally rescore the best ``rerank_top`` with second-stage descriptors on their pixels
+     (fetched by ranged reads from the corpus tars; pipeline/second_stage.py: SSCD, DINO, DCR's
+     split-product...), and verify the best ``verify_top`` (plus
      each region's own best) with local features, keeping the matched boxes;
   6. give every candidate one final score from all that evidence (:mod:`pipeline.scoring`) and
      rank by it;
-  7. mark each match inside/outside the subset and count its near-duplicates in the corpus.
+  7. mark each match inside/outside the subset and count its near-duplicates in the corpus;
+  8. the nL2 of each match on pixels (pipeline/nl2.py), and, when the corpus's captions were
+     counted (``replica captions``), how many training images carry the match's caption; the
+     prompt against that caption (pipeline/prompts.py).
 
 A baseline (corpus images searched against the corpus, themselves excluded, through the same
 regions, rerank, verification and final score) calibrates a threshold at a fixed
@@ -48,6 +52,11 @@ class Candidate:
     region: int
     row: dict[str, Any] = field(default_factory=dict)
     score_rerank: float | None = None
+    #: each second-stage descriptor's similarity, by name (score_rerank is the first's)
+    scores: dict[str, float] = field(default_factory=dict)
+    #: normalised L2 on pixels (pipeline.nl2) and the number of references it was normalised by
+    nl2: float | None = None
+    nl2_references: int | None = None
     inliers: int | None = None
     #: verification's tentative (ratio-test) matches
     matches: int | None = None
@@ -86,6 +95,8 @@ class SearchPlan:
     rerank_depth: int
     #: where they came from ("config", "index tuning", "default")
     settings_from: str
+    #: the corpus's caption counts (`replica captions`), when the search joins them
+    captions: Any = None
 
 
 @dataclass
@@ -112,6 +123,7 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
     """Fail before any work: index readable, output writable, settings possible."""
     from pipeline.embedders import validate as validate_embedder
     from pipeline.layout.runs import check_run_id
+    from pipeline.second_stage import validate as validate_second_stage
 
     if not cfg.index:
         raise ConfigError("no index given: pass --index with a built index folder")
@@ -127,8 +139,10 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     check_run_id(run_id)
     validate_embedder(embedder, cfg.s3)
-    if cfg.rerank.name:
-        validate_embedder(cfg.rerank, cfg.s3)
+    validate_second_stage(cfg)
+    if cfg.nl2_neighbours < 0:
+        raise ConfigError(f"nl2_neighbours must be >= 0 (0 = no nL2), got {cfg.nl2_neighbours}")
+    captions = caption_counts(cfg, manifest) if cfg.captions else None
     results = ResultsFolder(cfg.output, cfg.s3)
     try:
         results.check_writable()
@@ -140,7 +154,24 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
     source = "config" if cfg.nprobe and cfg.rerank_depth else ("index tuning" if tuned else "default")
     if depth < cfg.top_k:
         raise ConfigError(f"rerank_depth {depth} is smaller than top_k {cfg.top_k}")
-    return SearchPlan(cfg, index, manifest, embedder, run_id, results.run(run_id), nprobe, depth, source)
+    return SearchPlan(cfg, index, manifest, embedder, run_id, results.run(run_id), nprobe, depth, source, captions)
+
+
+def caption_counts(cfg: SearchConfig, manifest: Manifest):
+    """The caption-counts folder, refused unless it counted the index's own embeddings."""
+    from pipeline.captions import NORMALIZATION
+    from pipeline.errors import MismatchError
+    from pipeline.layout.captions import CaptionsFolder
+
+    folder = CaptionsFolder(cfg.captions, cfg.s3)
+    info = folder.read_info()
+    if info.embeddings.rstrip("/") != manifest.embeddings.rstrip("/"):
+        raise MismatchError(f"caption counts {cfg.captions!r} were made from {info.embeddings!r}, but the index "
+                            f"holds {manifest.embeddings!r}: run `replica captions` on the index's embeddings")
+    if info.normalization != NORMALIZATION:
+        raise MismatchError(f"caption counts {cfg.captions!r} were normalised as {info.normalization!r}, this "
+                            f"version as {NORMALIZATION!r}: count them again into a new folder")
+    return folder
 
 
 # --------------------------------------------------------------------------- the search
@@ -198,19 +229,42 @@ def fetch_image(row: dict[str, Any], storage):
     return load_candidate(row["tar_url"], row["tar_offset"], row["tar_size"], storage)
 
 
-def second_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters, rerank) -> None:
-    """Rescore each query's best candidates with the rerank descriptor on fetched pixels."""
+def second_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters, stage) -> None:
+    """Rescore each query's best candidates with every second-stage descriptor on their fetched pixels."""
     for image, cands in zip(images, picks):
         top = cands[: cfg.rerank_top]
         if not top:
             continue
-        qv, _ = rerank.embed_regions(image) if cfg.regions else (rerank.embed_images([image]), None)
-        cv = rerank.embed_images([fetch_image(c.row, cfg.s3) for c in top])
+        scores = stage.scores(image, [fetch_image(c.row, cfg.s3) for c in top], cfg.regions)
         counters["pixels_fetched"] += len(top)
-        scores = (cv @ qv.T).max(axis=1)
-        for c, s in zip(top, scores):
-            c.score_rerank = float(s)
+        for i, c in enumerate(top):
+            c.scores = {name: float(values[i]) for name, values in scores.items()}
+            c.score_rerank = c.scores[stage.primary.name]
         cands[: len(top)] = sorted(top, key=lambda c: -c.similarity)
+
+
+def nl2_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters) -> None:
+    """nL2 of each query's ``top_k`` matches, its best ``nl2_neighbours`` candidates by similarity
+    standing for its nearest training images (pixels fetched in one Ray task per query)."""
+    import ray
+
+    from pipeline.nl2 import nl2_of_rows
+    from pipeline.ray_util import RetryPolicy, cluster_cpus, run_bounded
+
+    task = ray.remote(nl2_of_rows).options(num_cpus=1)
+    refs = [sorted(c, key=lambda c: -c.similarity)[: cfg.nl2_neighbours] for c in picks]
+    tops = [c[: cfg.top_k] for c in picks]
+
+    def record(qi: int, result: tuple[list[float], int]) -> None:
+        scores, used = result
+        for c, s in zip(tops[qi], scores):
+            c.nl2, c.nl2_references = s, used
+        counters["pixels_fetched"] += len({c.id for c in refs[qi] + tops[qi]})
+
+    run_bounded([qi for qi, top in enumerate(tops) if top],
+                lambda qi, _actor: task.remote(images[qi], [c.row for c in refs[qi]], [c.row for c in tops[qi]], cfg.s3),
+                record, window=lambda: max(2, 2 * int(cluster_cpus())),
+                retry=RetryPolicy(max_attempts=4, retry_on=(OSError, ray.exceptions.WorkerCrashedError)))
 
 
 def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) -> list[Candidate]:
@@ -253,7 +307,7 @@ def verify_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counte
 
 
 def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, source, registry, blocklist: set[str], counters,
-                 model, rerank=None, exclude: list[set[int]] | None = None) -> tuple[list[list[Candidate]], list[tuple]]:
+                 model, stage=None, exclude: list[set[int]] | None = None) -> tuple[list[list[Candidate]], list[tuple]]:
     """Every stage of the search for a list of images (queries, or baseline samples with their
     own ids in ``exclude``): regions, candidates, blocklist, rerank, verification, final score.
     Returns each image's candidates, best final score first, and every region's box."""
@@ -274,8 +328,8 @@ def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, sour
                 continue
             kept.append(c)
         picks.append(kept)
-    if rerank is not None:
-        second_stage(images, picks, cfg, counters, rerank)
+    if stage is not None:
+        second_stage(images, picks, cfg, counters, stage)
         # The matches are what the second descriptor looked at: one similarity scale for all.
         picks = [p[: cfg.rerank_top] for p in picks]
     if cfg.verify_top:
@@ -355,6 +409,7 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     from pipeline.queries import load_key_set, load_queries
     from pipeline.report import calibrate_threshold, run_report
     from pipeline.results import run_record, write_results
+    from pipeline.second_stage import from_search as second_stage_from
 
     cfg = plan.cfg
     started = time.time()
@@ -370,8 +425,8 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     counters = {"pixels_fetched": 0, "blocked": 0, "unreadable_queries": query_set.unreadable}
 
     embedder = build_embedder(plan.embedder, storage)
-    rerank = build_embedder(cfg.rerank, storage) if cfg.rerank.name else None
-    model = score_model(cfg, (rerank or embedder).identity())
+    stage = second_stage_from(cfg)
+    model = score_model(cfg, stage.primary.identity() if stage else embedder.identity())
     with IndexSearcher(plan.index, identity=embedder.identity(), ray_address=cfg.ray.address,
                        nprobe=plan.nprobe) as searcher:
         source = source_for(plan.index, plan.manifest)
@@ -379,28 +434,31 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
         with progress.step(f"searching {len(queries)} queries across {len(plan.manifest.shards)} index shards "
                            f"(regions, rerank, verification of the best {cfg.verify_top}, final score)"):
             picks, boxes = match_images([q.image for q in queries], cfg, plan.rerank_depth, embedder, searcher, source, registry,
-                                        blocklist, counters, model, rerank)
+                                        blocklist, counters, model, stage)
+        if cfg.nl2_neighbours:
+            with progress.step(f"nL2 of the matches, the best {cfg.nl2_neighbours} candidates as references"):
+                nl2_stage([q.image for q in queries], picks, cfg, counters)
         with progress.step("counting near-duplicates of the matches"):
             groups = neighbours(sorted({c.id for p in picks for c in p[: cfg.top_k]}), searcher, source, cfg)
         with progress.step(f"baseline: {cfg.baseline_size} corpus images searched like the queries"):
             baseline, self_recall = run_baseline(cfg, plan.run_id, plan.rerank_depth, embedder, searcher, source, registry, blocklist,
-                                                 counters, model, rerank)
+                                                 counters, model, stage)
         nprobe = searcher.nprobe
 
     scored = [s for s in baseline["top1_score_no_dups"] if s is not None]
     calibrated = calibrate_threshold(scored, cfg.fpr) if scored else None
     identity = embedder.identity()
     with progress.step(f"writing results to {plan.run.url}"):
-        write_results(plan, queries, picks, groups, boxes, baseline, identity, subset, registry)
+        write_results(plan, queries, picks, groups, boxes, baseline, identity, subset, registry, embedder)
         plan.run.write_record(run_record(plan, identity, len(queries), counters, blocklist, subset, calibrated,
-                                         self_recall, nprobe, time.time() - started, model.identity()))
+                                         self_recall, nprobe, time.time() - started, model.identity(), stage))
     with progress.step("writing the report"):
         summary = run_report(plan.run)
     return SearchResult(summary=summary, run_url=plan.run.url, nprobe=nprobe)
 
 
 def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher, source, registry, blocklist, counters, model,
-                 rerank=None):
+                 stage=None):
     """The corpus's self-similarity, measured the way queries are scored.
 
     Sampled corpus images are fetched and go through every stage a query does (regions,
@@ -419,7 +477,7 @@ def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher,
     images = [fetch_image(rows[i], cfg.s3) for i in ids]
     counters["pixels_fetched"] += len(images)
     ranked, _ = match_images(images, cfg, depth, embedder, searcher, source, registry, blocklist,
-                             {"pixels_fetched": 0, "blocked": 0}, model, rerank,
+                             {"pixels_fetched": 0, "blocked": 0}, model, stage,
                              exclude=[{i} for i in ids]) if ids else ([], [])
     top_keys = {i: r["key"] for i, r in rows_by_id(sorted({o[0].id for o in ranked if o}), registry, ["key"]).items()}
     out: dict[str, list] = {k: [] for k in ("run_id", "sample_key", "top1_score", "top1_key", "top1_score_no_dups",

@@ -8,9 +8,9 @@ Each descriptor writes its own match column ``score_<name>`` (``-`` becomes ``_`
   whole images only (tokens have a fixed layout), with ``chunks`` pieces and optionally the cross
   variant.
 
-The first descriptor listed is the one whose similarity the paper's thresholds apply to (it also
-fills ``score_rerank``, as a single second stage always has). Weights come from the search's
-embedder sections (``sscd``, ``dino``, ``clip``): the same path and loader as the embed stage's.
+The first descriptor listed is the one whose similarity the thresholds and the final score read
+(it also fills ``score_rerank``, as a single second stage always has). Weights come from the
+search's weights sections (``sscd``, ``dino``, ``clip``): the same loader as the embed stage's.
 """
 from __future__ import annotations
 
@@ -53,7 +53,9 @@ class Descriptor:
 
     def identity(self) -> dict[str, Any]:
         """What makes this descriptor's scores: the embedder's identity and the similarity."""
-        out = {**self.embedder.identity(), "similarity": self.similarity}
+        # "embedder" names the descriptor, so a score model fitted for DINO's cosine is not taken for
+        # its split-product (pipeline.scoring.fitted_for reads it)
+        out = {**self.embedder.identity(), "embedder": self.name, "similarity": self.similarity}
         if self.similarity == "split-product":
             out.update(chunks=self.chunks, cross=self.cross)
         return out
@@ -100,12 +102,28 @@ class SecondStage:
         return {d.name: d.scores(query, candidates, regions) for d in self.descriptors}
 
 
-def validate(names: list[str], configs: dict[str, Any], chunks: int, storage=None) -> None:
-    """Cheap checks before any work: known names, each needed embedder's settings valid."""
+def embedder_configs(cfg) -> dict[str, Any]:
+    """Each second-stage embedder's settings, from a SearchConfig's weights sections."""
+    from pipeline.config import EmbedderConfig
+
+    return {"sscd": cfg.sscd.embedder("sscd"), "dino": cfg.dino.embedder("dino"),
+            "open_clip": cfg.clip.embedder("open_clip"), "default": EmbedderConfig(name="default")}
+
+
+def validate(cfg) -> None:
+    """Cheap checks of a SearchConfig's second stage before any work: names, chunks, each embedder's settings."""
     from pipeline.embedders import validate as validate_embedder
 
-    check_names(names)
-    if chunks < 0:
-        raise ConfigError(f"rerank_chunks must be >= 0 (0 = one chunk per token), got {chunks}")
-    for embedder_name in dict.fromkeys(KINDS[n][0] for n in names):
-        validate_embedder(configs[embedder_name], storage)
+    check_names(cfg.rerank)
+    if cfg.rerank_chunks < 0:
+        raise ConfigError(f"rerank_chunks must be >= 0 (0 = one chunk per token), got {cfg.rerank_chunks}")
+    configs = embedder_configs(cfg)
+    for embedder_name in dict.fromkeys(KINDS[n][0] for n in cfg.rerank):
+        validate_embedder(configs[embedder_name], cfg.s3)
+
+
+def from_search(cfg) -> SecondStage | None:
+    """The second stage a SearchConfig asks for (weights loaded), or None when it lists none."""
+    if not cfg.rerank:
+        return None
+    return SecondStage(cfg.rerank, embedder_configs(cfg), cfg.s3, cfg.rerank_chunks, cfg.rerank_cross)

@@ -55,6 +55,7 @@ def test_nl2_of_rows_fetches_the_candidates_from_their_tar(tmp_path):
     with tarfile.open(tar_path) as tf:
         rows = [{"tar_url": str(tar_path), "tar_offset": m.offset_data, "tar_size": m.size} for m in tf.getmembers()]
     query = Image.new("RGB", (64, 64), (0, 0, 0))
-    scores, used = nl2_of_rows(query, rows[1:], None, top=1)  # grey and white; nL2 of grey only
+    # references grey and white; the nL2 of grey, and of black, an exact copy outside the references
+    scores, used = nl2_of_rows(query, rows[1:], [rows[1], rows[0]], None)
     assert used == 2
-    np.testing.assert_allclose(scores, [0.2 / 0.3], rtol=1e-5)
+    np.testing.assert_allclose(scores, [0.2 / 0.3, 0.0], atol=1e-6)
