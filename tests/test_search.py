@@ -223,7 +223,7 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
     """A second descriptor (a TorchScript model on the SSCD path) rescoring fetched candidates."""
     import torch
 
-    from pipeline.config import EmbedderConfig
+    from pipeline.config import DescriptorWeights, EmbedderConfig
     from pipeline.embedders import build_embedder
     from pipeline.queries import load_queries
     from pipeline.verify import load_candidate
@@ -235,15 +235,21 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
     torch.jit.save(torch.jit.script(net), str(path))
     rerank = EmbedderConfig(name="sscd", checkpoint=str(path), image_size=64)
     cfg = SearchConfig(queries=str(demo["work"] / "generated"), index=str(demo["work"] / "index"),
-                       output=str(tmp_path / "results"), run_id="rerank", rerank=rerank, rerank_top=5,
-                       verify_top=0, top_k=5, baseline_size=50)
+                       output=str(tmp_path / "results"), run_id="rerank", rerank=["sscd", "default"],
+                       sscd=DescriptorWeights(checkpoint=str(path), image_size=64), rerank_top=5,
+                       verify_top=0, top_k=5, baseline_size=50, nl2_neighbours=0)
     run_search_url = run_search(cfg).run_url
     matches = table(Path(run_search_url), "matches.parquet").to_pylist()
     assert all(m["score_rerank"] is not None and m["similarity"] == m["score_rerank"] for m in matches)
+    # every descriptor its own column; the first one is the similarity
+    assert all(m["score_sscd"] == m["score_rerank"] and m["score_default"] is not None for m in matches)
+    assert all(m["score_dino"] is None and m["nl2"] is None for m in matches)
     assert all(m["inliers"] is None for m in matches)  # verification was off
     # No score model was fitted for this descriptor: the fixed weights, said so in run.json.
     info = json.loads((Path(run_search_url) / "run.json").read_text())
     assert info["score_model"]["fitted"] is False
+    assert [d["name"] for d in info["rerank"]["descriptors"]] == ["sscd", "default"]
+    assert info["rerank"]["descriptors"][0]["column"] == "score_sscd" and info["score_version"] == 2
 
     model = build_embedder(rerank)
     query = next(q for q in load_queries(str(demo["work"] / "generated")).queries if q.key == "copy-crop-0")
@@ -253,3 +259,47 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
         assert m["score_rerank"] == pytest.approx(float((cv @ qv.T)[0, 0]), abs=1e-4)
     ranks = [m["score"] for m in matches if m["query_key"] == "copy-crop-0"]
     assert ranks == sorted(ranks, reverse=True)
+
+    # the demo's run beside this one: the index's descriptor is shared, their similarities are not
+    from pipeline.compare import compare_runs, load_runs
+
+    c = compare_runs(load_runs([str(demo["run"]), run_search_url]))
+    assert c.descriptors == ["exact"] and [r["label"] for r in c.rows] == ["demo: default descriptor", "rerank"]
+    assert all(r["top1_exact_max"] is not None and r["share_paper"] is None for r in c.rows)
+    assert any(n.startswith("sscd: only in run(s) rerank") for n in c.notes)
+    assert any(n.startswith("share >= 0.5: the runs' similarities come from different descriptors") for n in c.notes)
+
+
+def test_demo_planted_captions_and_prompts_reach_the_report(demo):
+    """Shared captions counted exact and normalised, prompts equal to captions, nL2 per match,
+    and the summary's sections filled with them."""
+    from pipeline.captions import normalize
+
+    run = demo["run"]
+    matches = table(run, "matches.parquet").to_pylist()
+    truth = {t["query_key"]: t for t in demo["truth"]}
+    top1 = {m["query_key"]: m for m in matches if m["rank"] == 1}
+    # every match has both counts; spellings of one planted caption: exact counts below normalised
+    assert all(m["caption_count"] is not None and m["caption_count"] <= m["caption_count_normalized"] for m in matches)
+    assert any(m["caption_count"] < m["caption_count_normalized"] for m in matches)
+    hits = [t for t in demo["truth"] if t.get("caption_shared") and top1[t["query_key"]]["match_key"] == t["source_key"]]
+    assert hits and all(top1[t["query_key"]]["caption_count_normalized"] >= 2 for t in hits)
+    # a prompt that is its source's caption matches that caption once found
+    for key, t in truth.items():
+        m = top1.get(key)
+        if t.get("prompt_is_caption") and m and m["match_key"] == t["source_key"]:
+            assert m["prompt_caption_exact"] and m["prompt_caption_overlap"] == 1.0
+            assert normalize(m["prompt"]) == normalize(m["caption"])
+    assert all(m["prompt_caption_clip"] is None for m in matches)  # the default descriptor has no text tower
+    # nL2: a found JPEG or resize copy is far closer in pixels than the generation's other candidates
+    close = [top1[k]["nl2"] for k, t in truth.items() if t["edit"] in ("jpeg", "resize")
+             and top1[k]["match_key"] == t["source_key"]]
+    assert close and max(close) < 0.5 and all(m["nl2_references"] >= 10 for m in matches)
+    summary = json.loads((run / "summary.json").read_text())
+    mem = summary["memorisation"]
+    groups = {e["group"]: e for e in mem["by_caption_duplication"]}
+    assert groups["1"]["n"] > 0 and (groups.get("2-9") or groups.get("10-99"))["n"] > 0
+    assert {e["group"] for e in mem["by_prompt_caption"]} >= {"prompt = caption", "different"}
+    assert mem["most_copied"] and summary["nl2"]["min"] < 0.5 and summary["nl2"]["neighbours"] == 50
+    info = json.loads((run / "run.json").read_text())
+    assert info["captions"]["shards"] == info["captions"]["corpus_shards"] and info["label"] == "demo: default descriptor"
