@@ -7,13 +7,16 @@ intervals; the nL2 tails; the generations whose copy was found only outside the 
 
 A figure is only put side by side with another when it means the same thing in both runs: a
 descriptor's columns are filled only when every run compared has that descriptor with the same
-identity and preprocessing, and the shares only when every run's final score was made the same
-way (same score version, same descriptors). Otherwise the cells stay empty and a note says why.
+identity and preprocessing; the share >= 0.5 (on the descriptor similarity, as the paper
+defines it) only when every run's similarity comes from the same descriptor; the share >= the
+calibrated threshold (on the final score) only when every run's final score was made the same
+way (score version, score model, similarity). Otherwise the cells stay empty and a note says why.
 """
 from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,10 +67,18 @@ def descriptors_of(data: RunData) -> list[Descriptor]:
     return out
 
 
+def similarity_identity(data: RunData) -> dict[str, Any]:
+    """The descriptor the ``similarity`` column comes from: the second stage's first, else the index's."""
+    descriptors = descriptors_of(data)
+    d = descriptors[1] if len(descriptors) > 1 else descriptors[0]
+    return {"name": d.name, "identity": d.identity}
+
+
 def final_score_identity(data: RunData) -> dict[str, Any]:
-    """What the final ``score`` column is made of: the score version and every descriptor's identity."""
-    return {"score_version": score_version_of(data.run),
-            "descriptors": {d.name: d.identity for d in descriptors_of(data)}}
+    """What the final ``score`` column is made of: the score version, the score model and the similarity."""
+    model = data.run.score_model or {}
+    return {"score_version": score_version_of(data.run), "score_model": model.get("sha256"),
+            "similarity": similarity_identity(data)}
 
 
 def differs(values: list[Any]) -> bool:
@@ -121,13 +132,15 @@ def compare_runs(runs: list[RunData], labels: list[str | None] | None = None) ->
             notes.append(f"{name}: the runs' descriptors differ ({', '.join(keys)}); its columns are empty")
         else:
             filled.append(name)
+    similarity_same = not differs([similarity_identity(d) for d in runs])
+    if not similarity_same:
+        notes.append(f"share >= {PAPER_THRESHOLD}: the runs' similarities come from different descriptors; empty")
     score_same = not differs([final_score_identity(d) for d in runs])
     if not score_same:
         versions = sorted({str(score_version_of(d.run)) for d in runs})
         why = (f"score versions {', '.join(versions)}" if len(versions) > 1
-               else "their final scores come from different descriptors")
-        notes.append(f"shares >= {PAPER_THRESHOLD} and >= the calibrated threshold: runs scored differently "
-                     f"({why}); empty")
+               else "different score models or similarities")
+        notes.append(f"share >= the calibrated threshold: runs scored differently ({why}); empty")
 
     rows = []
     for data, label in zip(runs, labels):
@@ -141,11 +154,11 @@ def compare_runs(runs: list[RunData], labels: list[str | None] | None = None) ->
         for name in filled:
             stats = score_stats(top1_per_query(data, per_run[0][name].column))
             row.update({f"top1_{name}_{k}": stats[k] for k in ("mean", "p95", "max")})
-        best = data.queries.column("best_score").to_pylist()
         calibrated = (run.thresholds or {}).get("calibrated")
-        for key, t in (("paper", PAPER_THRESHOLD), ("calibrated", calibrated)):
-            share = proportion(at_least(best, t)) if score_same and t is not None else None
-            row[f"share_{key}_threshold"] = t if score_same else None
+        for key, column, t, same in (("paper", "best_similarity", PAPER_THRESHOLD, similarity_same),
+                                     ("calibrated", "best_score", calibrated, score_same)):
+            share = proportion(at_least(data.queries.column(column).to_pylist(), t)) if same and t is not None else None
+            row[f"share_{key}_threshold"] = t if same else None
             row[f"share_{key}"] = share["rate"] if share else None
             row[f"share_{key}_low"], row[f"share_{key}_high"] = (share["ci95"] or [None, None]) if share else (None, None)
             row[f"share_{key}_count"] = share["count"] if share else None
@@ -170,9 +183,9 @@ def compare_runs(runs: list[RunData], labels: list[str | None] | None = None) ->
         notes.append(f"copies only outside the subset: run(s) {', '.join(no_subset)} searched without a subset")
 
     histogram = None
-    drawn = "score" if score_same else next(iter(filled), None)
+    drawn = "similarity" if similarity_same else next(iter(filled), None)
     if drawn is not None:
-        column = "score" if drawn == "score" else per_run[0][drawn].column
+        column = "similarity" if drawn == "similarity" else per_run[0][drawn].column
         histogram = (drawn, {row["label"]: top1_per_query(data, column) for row, data in zip(rows, runs)})
     else:
         notes.append("histogram: no similarity is shared by every run; not drawn")
@@ -236,7 +249,8 @@ def print_table(c: Comparison) -> None:
     table = Table(*header, title="replica compare")
     for line in cells:
         table.add_row(*line)
-    console = Console()
+    # A pipe or a log gets the whole table, not one cut to 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 400)
     console.print(table)
     for note in c.notes:
         console.print(f"note: {note}")

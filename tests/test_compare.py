@@ -52,16 +52,22 @@ def test_compare_two_runs_against_their_tables(runs):
         assert row["top1_exact_mean"] == pytest.approx(top1.mean())
         assert row["top1_exact_p95"] == pytest.approx(np.percentile(top1, 95))
         assert row["top1_exact_max"] == pytest.approx(top1.max())
-        best = [s for s in pq.read_table(run_dir / "queries.parquet").column("best_score").to_pylist()]
-        n = len(best)
-        for key, t in (("paper", 0.5), ("calibrated", calibrated)):
-            k = sum(s is not None and s >= t for s in best)
+        queries = pq.read_table(run_dir / "queries.parquet")
+        n = queries.num_rows
+        # the paper's 0.5 on the descriptor similarity, the calibrated threshold on the final score
+        for key, column, t in (("paper", "best_similarity", 0.5), ("calibrated", "best_score", calibrated)):
+            k = sum(s is not None and s >= t for s in queries.column(column).to_pylist())
             assert row[f"share_{key}_count"] == k and row[f"share_{key}"] == pytest.approx(k / n)
             assert [row[f"share_{key}_low"], row[f"share_{key}_high"]] == pytest.approx(list(wilson_interval(k, n)))
         only = pq.read_table(run_dir / "queries.parquet").column("copy_outside_subset_only").to_pylist()
         assert row["outside_only_count"] == sum(only)
-        assert row["nl2_p95"] is None  # these runs computed no nL2; a note says so
-    assert any(n.startswith("nL2: not computed") for n in c.notes)
+        smallest: dict[str, float] = {}
+        for m in pq.read_table(run_dir / "matches.parquet").to_pylist():
+            smallest[m["query_key"]] = min(smallest.get(m["query_key"], 9.0), m["nl2"])
+        nl2 = np.array(list(smallest.values()))
+        assert row["nl2_min"] == pytest.approx(nl2.min()) and row["nl2_p5"] == pytest.approx(np.percentile(nl2, 5))
+        assert row["nl2_max"] == pytest.approx(nl2.max()) and row["nl2_p95"] == pytest.approx(np.percentile(nl2, 95))
+    assert not any(n.startswith("nL2") for n in c.notes)
     md = to_markdown(c)
     assert md.count("\n| run-") == 2 and "SD 1.4 + mitigation" in md and "exact p95" in md
 
@@ -100,7 +106,7 @@ def test_compare_command_writes_markdown_parquet_and_histogram(runs, tmp_path):
     assert "| run-a | x |" in r.output and "| run-b | y |" in r.output
     table = pq.read_table(out)
     assert table.num_rows == 2 and table.column("label").to_pylist() == ["x", "y"]
-    assert json.loads(table.schema.metadata[b"replica.compare.notes"])
+    assert json.loads(table.schema.metadata[b"replica.compare.notes"]) == []  # every figure comparable
     assert Image.open(io.BytesIO(png.read_bytes())).size[0] > 300
     r = CliRunner().invoke(app, ["compare", str(a), str(b)])  # the terminal table
     assert r.exit_code == 0 and "replica compare" in r.output and "run-b" in r.output
