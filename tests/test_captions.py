@@ -83,6 +83,15 @@ def test_caption_counts_on_ray_with_planted_duplicates(tmp_path, ray_local):
     assert len(out.partial_records()) == groups_before + 1 and info.shards == 4 and info.rows == 15
     assert lookup(out, caption_keys(["the scream by munch"]))[0] == {"caption_count": 4, "normalized_count": 4}
 
+    # the command users run: nothing new to count, the buckets summed again
+    from click.testing import CliRunner
+
+    from pipeline.cli import app
+
+    r = CliRunner().invoke(app, ["captions", "--embeddings", corpus.url, "--output", cfg.output, "--partitions", "3",
+                                 "-q"])
+    assert r.exit_code == 0 and "counted 13 captions of 15 rows in 4 shard(s)" in r.output, r.output
+
     with pytest.raises(MismatchError, match="partitions"):
         run_captions(CaptionsConfig(embeddings=corpus.url, output=cfg.output, partitions=5))
     with pytest.raises(ConfigError, match="no complete embedding shards"):
