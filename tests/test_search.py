@@ -219,13 +219,14 @@ def test_query_embedder_must_match_the_index(demo, tmp_path):
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").glob("run_id=*"))
 
 
-def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path):
+def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path, request):
     """A second descriptor (a TorchScript model on the SSCD path) rescoring fetched candidates."""
     import torch
 
     from pipeline.config import DescriptorWeights, EmbedderConfig
     from pipeline.embedders import build_embedder
     from pipeline.queries import load_queries
+    from pipeline.split_product import split_product
     from pipeline.verify import load_candidate
 
     torch.manual_seed(0)
@@ -234,29 +235,42 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
     path = tmp_path / "rerank.torchscript.pt"
     torch.jit.save(torch.jit.script(net), str(path))
     rerank = EmbedderConfig(name="sscd", checkpoint=str(path), image_size=64)
+    from test_dino import ARCH, tiny_dino
+
+    # tiny models on a shared 2-core machine: torch's thread pool waits longer than it computes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    dino_config, dino_ckpt, _ = tiny_dino(tmp_path)
     cfg = SearchConfig(queries=str(demo["work"] / "generated"), index=str(demo["work"] / "index"),
-                       output=str(tmp_path / "results"), run_id="rerank", rerank=["sscd", "default"],
-                       sscd=DescriptorWeights(checkpoint=str(path), image_size=64), rerank_top=5,
-                       verify_top=0, top_k=5, baseline_size=50, nl2_neighbours=0)
+                       output=str(tmp_path / "results"), run_id="rerank", rerank=["sscd", "dino-split"],
+                       sscd=DescriptorWeights(checkpoint=str(path), image_size=64),
+                       dino=DescriptorWeights(model=ARCH, checkpoint=str(dino_ckpt), model_config=str(dino_config)),
+                       rerank_chunks=4, rerank_top=5, verify_top=0, top_k=5, baseline_size=50, nl2_neighbours=0)
     run_search_url = run_search(cfg).run_url
     matches = table(Path(run_search_url), "matches.parquet").to_pylist()
     assert all(m["score_rerank"] is not None and m["similarity"] == m["score_rerank"] for m in matches)
     # every descriptor its own column; the first one is the similarity
-    assert all(m["score_sscd"] == m["score_rerank"] and m["score_default"] is not None for m in matches)
-    assert all(m["score_dino"] is None and m["nl2"] is None for m in matches)
+    assert all(m["score_sscd"] == m["score_rerank"] and m["score_dino_split"] is not None for m in matches)
+    assert all(m["score_dino"] is None and m["score_default"] is None and m["nl2"] is None for m in matches)
     assert all(m["inliers"] is None for m in matches)  # verification was off
     # No score model was fitted for this descriptor: the fixed weights, said so in run.json.
     info = json.loads((Path(run_search_url) / "run.json").read_text())
     assert info["score_model"]["fitted"] is False
-    assert [d["name"] for d in info["rerank"]["descriptors"]] == ["sscd", "default"]
+    assert [d["name"] for d in info["rerank"]["descriptors"]] == ["sscd", "dino-split"]
+    assert info["rerank"]["descriptors"][1]["identity"]["chunks"] == 4
     assert info["rerank"]["descriptors"][0]["column"] == "score_sscd" and info["score_version"] == 2
 
     model = build_embedder(rerank)
     query = next(q for q in load_queries(str(demo["work"] / "generated")).queries if q.key == "copy-crop-0")
     qv = model.embed_images([query.image])
+    dino = build_embedder(cfg.dino.embedder("dino"))
     for m in [m for m in matches if m["query_key"] == "copy-crop-0"]:
-        cv = model.embed_images([load_candidate(m["tar_url"], m["tar_offset"], m["tar_size"])])
+        candidate = load_candidate(m["tar_url"], m["tar_offset"], m["tar_size"])
+        cv = model.embed_images([candidate])
         assert m["score_rerank"] == pytest.approx(float((cv @ qv.T)[0, 0]), abs=1e-4)
+        split = split_product(dino.token_images([query.image]), dino.token_images([candidate]), chunks=4)
+        assert m["score_dino_split"] == pytest.approx(float(split[0, 0]), abs=1e-5)
     ranks = [m["score"] for m in matches if m["query_key"] == "copy-crop-0"]
     assert ranks == sorted(ranks, reverse=True)
 
