@@ -72,22 +72,41 @@ def nl2_of_images(query: Image.Image, candidates: Sequence[Image.Image], n: int 
     return normalized_l2(q, c, ref, alpha), len(ref)
 
 
-def nl2_of_rows(image: Image.Image, reference_rows: list[dict], match_rows: list[dict], storage) -> tuple[list[float], int]:
+def nl2_of_rows(image: Image.Image, reference_rows: list[dict], match_rows: list[dict],
+                storage) -> tuple[list[float | None], int]:
     """A Ray task: the nL2 of each match of a query, its best candidates (``reference_rows``, rows
-    with their tar byte ranges) standing for S(g); each image is fetched once. Returns the scores
-    and how many references there were."""
-    from pipeline.verify import load_candidate
+    with their tar byte ranges) standing for S(g); each image is fetched once. A training image
+    without pixels (imported embeddings carry no byte range), missing or undecodable is left out:
+    no nL2 for it, not among the references; a storage error that may pass is raised, so the task
+    is retried. Returns the scores and how many references there were."""
+    from pipeline.storage import is_transient, read_range
+    from pipeline.verify import decode
 
     def key(r: dict) -> tuple:
-        return r["tar_url"], int(r["tar_offset"]), int(r["tar_size"])
+        return r.get("tar_url"), r.get("tar_offset"), r.get("tar_size")
 
-    fetched: dict[tuple, np.ndarray] = {}
+    fetched: dict[tuple, np.ndarray | None] = {}
     for r in [*reference_rows, *match_rows]:
-        if key(r) not in fetched:
-            fetched[key(r)] = pixels(load_candidate(r["tar_url"], r["tar_offset"], r["tar_size"], storage))
-    if not reference_rows or not match_rows:
-        return [], len(reference_rows)
+        k = key(r)
+        if k in fetched:
+            continue
+        fetched[k] = None
+        if None in k:
+            continue
+        try:
+            data = read_range(k[0], int(k[1]), int(k[2]), storage)
+        except OSError as exc:
+            if is_transient(exc):
+                raise
+            continue
+        try:
+            fetched[k] = pixels(decode(data))
+        except Exception:  # noqa: BLE001 - bytes that are not an image are data, not a failed task
+            continue
+    references = [fetched[key(r)] for r in reference_rows if fetched[key(r)] is not None]
+    if not references:
+        return [None] * len(match_rows), 0
     q = pixels(image)
-    scores = normalized_l2(q, np.stack([fetched[key(r)] for r in match_rows]),
-                           np.stack([fetched[key(r)] for r in reference_rows]))
-    return [float(x) for x in scores], len(reference_rows)
+    have = [fetched[key(r)] for r in match_rows]
+    scores = normalized_l2(q, np.stack([p if p is not None else q for p in have]), np.stack(references))
+    return [float(s) if p is not None else None for s, p in zip(scores, have)], len(references)

@@ -255,10 +255,10 @@ def nl2_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters)
     refs = [sorted(c, key=lambda c: -c.similarity)[: cfg.nl2_neighbours] for c in picks]
     tops = [c[: cfg.top_k] for c in picks]
 
-    def record(qi: int, result: tuple[list[float], int]) -> None:
+    def record(qi: int, result: tuple[list[float | None], int]) -> None:
         scores, used = result
         for c, s in zip(tops[qi], scores):
-            c.nl2, c.nl2_references = s, used
+            c.nl2, c.nl2_references = s, (used if s is not None else None)
         counters["pixels_fetched"] += len({c.id for c in refs[qi] + tops[qi]})
 
     run_bounded([qi for qi, top in enumerate(tops) if top],

@@ -59,3 +59,31 @@ def test_nl2_of_rows_fetches_the_candidates_from_their_tar(tmp_path):
     scores, used = nl2_of_rows(query, rows[1:], [rows[1], rows[0]], None)
     assert used == 2
     np.testing.assert_allclose(scores, [0.2 / 0.3, 0.0], atol=1e-6)
+
+
+def test_nl2_leaves_out_images_without_pixels(tmp_path):
+    from pipeline.nl2 import nl2_of_rows
+
+    tar_path = tmp_path / "000000.tar"
+    import io
+    import tarfile
+
+    with tarfile.open(tar_path, "w") as tf:
+        for name, data in (("0000.png", None), ("0001.jpg", b"not an image")):
+            if data is None:
+                buf = io.BytesIO()
+                Image.new("RGB", (64, 64), (51, 51, 51)).save(buf, format="PNG")
+                data = buf.getvalue()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(tar_path) as tf:
+        grey, junk = [{"tar_url": str(tar_path), "tar_offset": m.offset_data, "tar_size": m.size}
+                      for m in tf.getmembers()]
+    imported = {"tar_url": None, "tar_offset": None, "tar_size": None}  # released embeddings: no pixels
+    missing = {"tar_url": str(tmp_path / "gone.tar"), "tar_offset": 0, "tar_size": 10}
+    query = Image.new("RGB", (64, 64), (0, 0, 0))
+    scores, used = nl2_of_rows(query, [grey, junk, imported, missing], [grey, imported, junk], None)
+    assert used == 1 and scores[1] is None and scores[2] is None
+    np.testing.assert_allclose(scores[0], 1 / 0.5, rtol=1e-5)  # the only reference: l2 / (0.5 * l2)
+    assert nl2_of_rows(query, [imported], [imported], None) == ([None], 0)
