@@ -133,15 +133,15 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
         raise ConfigError(f"need 1 <= top_k <= candidates, got top_k={cfg.top_k}, candidates={cfg.candidates}")
     if not 0 < cfg.fpr < 1:
         raise ConfigError(f"fpr must be between 0 and 1, got {cfg.fpr}")
+    if cfg.nl2_neighbours < 0:
+        raise ConfigError(f"nl2_neighbours must be >= 0 (0 = no nL2), got {cfg.nl2_neighbours}")
+    validate_second_stage(cfg)
     index = IndexFolder(cfg.index, cfg.s3)
     manifest = index.read_manifest()
     embedder = cfg.embedder if cfg.embedder.name else corpus_embedder_config(manifest, index)
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     check_run_id(run_id)
     validate_embedder(embedder, cfg.s3)
-    validate_second_stage(cfg)
-    if cfg.nl2_neighbours < 0:
-        raise ConfigError(f"nl2_neighbours must be >= 0 (0 = no nL2), got {cfg.nl2_neighbours}")
     captions = caption_counts(cfg, manifest) if cfg.captions else None
     results = ResultsFolder(cfg.output, cfg.s3)
     try:

@@ -117,9 +117,16 @@ def validate(cfg) -> None:
     check_names(cfg.rerank)
     if cfg.rerank_chunks < 0:
         raise ConfigError(f"rerank_chunks must be >= 0 (0 = one chunk per token), got {cfg.rerank_chunks}")
+    from pipeline.config import RERANK_WEIGHTS
+
     configs = embedder_configs(cfg)
     for embedder_name in dict.fromkeys(KINDS[n][0] for n in cfg.rerank):
-        validate_embedder(configs[embedder_name], cfg.s3)
+        try:
+            validate_embedder(configs[embedder_name], cfg.s3)
+        except ConfigError as exc:
+            section = RERANK_WEIGHTS[embedder_name]
+            raise ConfigError(f"second-stage {embedder_name}: its weights are search.{section}.* "
+                              f"(flags --{section}-*): {exc}") from exc
 
 
 def from_search(cfg) -> SecondStage | None:
