@@ -125,8 +125,8 @@ def validate(cfg) -> None:
             validate_embedder(configs[embedder_name], cfg.s3)
         except ConfigError as exc:
             section = RERANK_WEIGHTS[embedder_name]
-            raise ConfigError(f"second-stage {embedder_name}: its weights are search.{section}.* "
-                              f"(flags --{section}-*): {exc}") from exc
+            where = f": its weights are search.{section}.* (flags --{section}-*)" if section else ""
+            raise ConfigError(f"second-stage {embedder_name}{where}: {exc}") from exc
 
 
 def from_search(cfg) -> SecondStage | None:
