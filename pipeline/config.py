@@ -1,7 +1,7 @@
 """One typed config for every stage, loaded from a YAML/TOML file and/or CLI flags.
 
-A config file has one section per command (``ingest``, ``embed``, ``index``, ``import``, ``search``,
-``report``, ``pipeline``): the same file serves every command and ``replica pipeline``. Sections map to
+A config file has one section per command (``ingest``, ``embed``, ``index``, ``import``, ``captions``,
+``search``, ``report``, ``pipeline``): the same file serves every command and ``replica pipeline``. Sections map to
 dataclasses; unknown keys and wrong types are errors, so a typo fails before any work starts.
 
 Flags are made from the fields (pipeline/cli/options.py), one rule for all: a field ``f`` of the
@@ -35,17 +35,19 @@ def choice(default: Any, *choices: Any) -> Any:
 class EmbedderConfig:
     """Which descriptor makes the vectors."""
 
-    #: "default" (weight-free copy descriptor), "open_clip" or "sscd"
-    name: str = choice("default", "default", "open_clip", "sscd")
-    #: open_clip architecture, e.g. "ViT-B-32"
+    #: "default" (weight-free copy descriptor), "open_clip", "sscd" or "dino" (DINO/DINOv2 ViTs via timm)
+    name: str = choice("default", "default", "open_clip", "sscd", "dino")
+    #: open_clip architecture, e.g. "ViT-B-32"; dino: a timm ViT, e.g. "vit_small_patch16_224.dino"
     model: str | None = None
     #: open_clip pretrained tag (downloaded by open_clip on a networked cluster)
     pretrained: str | None = None
-    #: local path or fsspec URL of weights: open_clip checkpoint or SSCD TorchScript file
+    #: local path or fsspec URL of weights: open_clip checkpoint, SSCD TorchScript file, or a DINO
+    #: state_dict (.pth) / .safetensors file
     checkpoint: str | None = None
     #: the sha256 the checkpoint file must have (pins weights fetched from a URL); empty = not checked
     checkpoint_sha256: str | None = None
-    #: JSON file of an open_clip model config to register (custom architectures)
+    #: JSON file of an open_clip model config to register (custom architectures); dino: timm
+    #: create_model arguments changing the architecture (embed_dim, depth, num_heads, patch_size, img_size)
     model_config: str | None = None
     #: preprocessing: resize short side to this many pixels, then centre-crop a square
     image_size: int | None = None
@@ -60,6 +62,30 @@ class EmbedderConfig:
     #: default embedder, query side: windows centred on objects (regions whose colours differ from their
     #: surroundings) embedded besides the grid; 0 = grid only
     query_object_regions: int = 0
+
+
+@dataclass
+class DescriptorWeights:
+    """The weights of a second-stage descriptor (its name comes from `search.rerank`)."""
+
+    #: architecture: open_clip's (e.g. "ViT-L-14") or a timm ViT for dino (e.g. "vit_base_patch16_224.dino")
+    model: str | None = None
+    #: open_clip pretrained tag (downloaded by open_clip on a networked cluster)
+    pretrained: str | None = None
+    #: local path or fsspec URL of the weights (SSCD TorchScript, DINO state_dict/.safetensors, open_clip checkpoint)
+    checkpoint: str | None = None
+    #: the sha256 the checkpoint file must have; empty = not checked
+    checkpoint_sha256: str | None = None
+    #: JSON of a custom architecture (open_clip model config; dino: timm create_model arguments)
+    model_config: str | None = None
+    #: preprocessing: resize short side to this many pixels, then centre-crop a square; empty = the model's
+    image_size: int | None = None
+    #: "auto" (CUDA when present), "cpu" or "cuda"
+    device: str = choice("auto", "auto", "cpu", "cuda")
+
+    def embedder(self, name: str) -> EmbedderConfig:
+        """The embedder settings of descriptor ``name`` with these weights."""
+        return EmbedderConfig(name=name, **dataclasses.asdict(self))
 
 
 @dataclass
@@ -288,6 +314,8 @@ class SearchConfig:
     output: str = ""
     #: run name; empty = a UTC timestamp
     run_id: str = ""
+    #: what this run measures (model, prompt set or mitigation setting): `replica compare` shows it
+    label: str = ""
     #: query embedder; empty name = the settings the corpus was embedded with (from the index)
     embedder: EmbedderConfig = field(default_factory=lambda: EmbedderConfig(name=""))
     s3: Storage = field(default_factory=Storage)
@@ -303,10 +331,28 @@ class SearchConfig:
     nprobe: int = 0
     #: also search several regions of each query (when the embedder offers it)
     regions: bool = True
-    #: optional second-stage descriptor computed on candidate pixels (e.g. sscd); empty name = off
-    rerank: EmbedderConfig = field(default_factory=lambda: EmbedderConfig(name=""))
+    #: second-stage descriptors computed on the pixels of each query's best rerank_top candidates, each
+    #: writing score_<name>: sscd, dino, dino-split (DCR's split-product of DINO tokens), open_clip, default.
+    #: The first one's similarity is the one thresholds and the final score read; empty = off
+    rerank: list[str] = field(default_factory=list)
     #: candidates per query given to the second stage (fetched by ranged reads)
     rerank_top: int = 20
+    #: dino-split: pieces the flattened, L2-normalised tokens are cut into; 0 = one per token (DCR's default)
+    rerank_chunks: int = 0
+    #: dino-split: compare every pair of pieces (DCR's "cross" variant) instead of corresponding pieces
+    rerank_cross: bool = False
+    #: weights of the sscd descriptor (a TorchScript file) when `rerank` lists it
+    sscd: DescriptorWeights = field(default_factory=DescriptorWeights)
+    #: weights of the dino and dino-split descriptors (a timm ViT name and its checkpoint)
+    dino: DescriptorWeights = field(default_factory=DescriptorWeights)
+    #: weights of the open_clip descriptor (an architecture and a pretrained tag or checkpoint)
+    clip: DescriptorWeights = field(default_factory=DescriptorWeights)
+    #: nL2 (Carlini et al.) of each match: this many of the query's best candidates are fetched and stand
+    #: for its nearest training images (docs/RESULTS.md); 0 = off
+    nl2_neighbours: int = 50
+    #: caption-counts folder written by `replica captions` on the index's embeddings; each match gets
+    #: how many training images carry its caption; empty = not counted
+    captions: str = ""
     #: local-feature verification of the best N candidates per query; 0 = off
     verify_top: int = 10
     #: final-score model (JSON from bench/copy_detection.py --fit) for the descriptor whose similarity
@@ -344,6 +390,31 @@ class SearchConfig:
 
 
 @dataclass
+class CaptionsConfig:
+    """`replica captions`: how many training images carry each caption (exact and normalised), counted by Ray
+    tasks over the embedding Parquet; search joins the counts to its matches by hash."""
+
+    #: embedding folder whose rows' captions are counted ({shard}.parquet + {shard}.stats.json + _replica.json)
+    embeddings: str = ""
+    #: caption-counts folder: counts/part-*.parquet (one row per distinct caption) and _captions.json
+    output: str = ""
+    s3: Storage = field(default_factory=Storage)
+    ray: RayConfig = field(default_factory=RayConfig)
+    #: hash buckets of the counts: reduce tasks and output files (fixed for an output folder)
+    partitions: int = 16
+    #: embedding shards per counting task
+    group_size: int = 100
+    #: CPUs per task
+    cpus_per_task: float = 1
+    #: tasks in flight at once; 0 = cluster CPUs / cpus_per_task
+    max_tasks_in_flight: int = 0
+    #: take over the output's lock when its holder's heartbeat is older than lock_stale_after_s
+    break_lock: bool = False
+    #: seconds without a heartbeat after which a lock is stale (its run is presumed dead)
+    lock_stale_after_s: float = 600
+
+
+@dataclass
 class ReportConfig:
     """`replica report`: summary, histogram and gallery of one search run."""
 
@@ -372,11 +443,11 @@ class PipelineConfig:
 
 #: The config sections a file may hold, by the command that reads them.
 SECTIONS = {"ingest": IngestConfig, "embed": EmbedConfig, "index": IndexConfig, "import": ImportConfig,
-            "search": SearchConfig, "report": ReportConfig, "pipeline": PipelineConfig}
+            "captions": CaptionsConfig, "search": SearchConfig, "report": ReportConfig, "pipeline": PipelineConfig}
 #: The command each section belongs to (docs/CONFIG.md headings).
 COMMANDS = {"ingest": "replica ingest", "embed": "replica embed", "index": "replica index train|add|merge|build",
-            "import": "replica import-embeddings", "search": "replica search", "report": "replica report",
-            "pipeline": "replica pipeline"}
+            "import": "replica import-embeddings", "captions": "replica captions", "search": "replica search",
+            "report": "replica report", "pipeline": "replica pipeline"}
 
 
 # --------------------------------------------------------------------------- names of the last release
@@ -394,10 +465,35 @@ RENAMED_KEYS = {
 }
 
 
+#: the section of `search` holding the weights of each second-stage embedder
+RERANK_WEIGHTS = {"sscd": "sscd", "dino": "dino", "open_clip": "clip", "default": None}
+
+
+def upgrade_rerank(data: dict[str, Any]) -> list[str]:
+    """Last release's `search.rerank` (one embedder section) as today's list and weights section, in place."""
+    old = data.get("rerank")
+    if not isinstance(old, dict):
+        return []
+    name = str(old.get("name") or "")
+    data["rerank"] = [name] if name else []
+    if not name:
+        return []
+    if name not in RERANK_WEIGHTS:
+        raise ConfigError(f"search.rerank names embedder {name!r}; second-stage descriptors are "
+                          f"{', '.join(RERANK_WEIGHTS)}, dino-split")
+    weights = {k: v for k, v in old.items() if k not in ("name", "query_region_scales", "query_region_step",
+                                                          "query_object_regions")}
+    if RERANK_WEIGHTS[name] and weights:
+        data[RERANK_WEIGHTS[name]] = {**weights, **(data.get(RERANK_WEIGHTS[name]) or {})}
+    where = f" and its weights under `{RERANK_WEIGHTS[name]}:`" if RERANK_WEIGHTS[name] else ""
+    return [f"search.rerank as one embedder section is deprecated; use `rerank: [{name}]`{where} "
+            "(accepted until the next release)"]
+
+
 def upgrade_names(section: str, data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Rename last release's keys of one section to today's; returns the data and a warning per rename."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    notes: list[str] = []
+    notes: list[str] = upgrade_rerank(data) if section == "search" else []
     for old, why in REMOVED_KEYS.get(section, {}).items():
         if data.pop(old, None) is not None:
             notes.append(f"config key {section}.{old} is no longer read and was ignored: {why}")

@@ -5,8 +5,13 @@ of the photographs that ship inside installed packages, in WebDataset tars with 
 URLs), marks part of it as "the subset", makes "generated" images that copy corpus images
 (every edit of ``pipeline.synthetic_images.EDITS`` plus objects pasted into new scenes, half from
 inside the subset, half from outside) and novel images that copy nothing, then runs
-embed -> index -> search -> report on a local Ray with the default descriptor and scores the
-run against what it planted.
+embed -> captions -> index -> search -> report on a local Ray with the default descriptor and
+scores the run against what it planted.
+
+The captions are planted too: a few captions are shared by several training images (in several
+spellings: case, spacing, a trailing URL, so the exact and the normalised counts differ), some
+copies are made of those images, and some prompts are a training caption word for word, so the
+report's replication by caption duplication and by prompt-caption match has real numbers.
 """
 from __future__ import annotations
 
@@ -24,6 +29,15 @@ from pipeline.storage import join
 
 PER_TAR = 250
 NOVEL_SEED = 10_000_000  # far from every corpus seed
+#: planted captions, each shared by this many training images (at most a tenth of the corpus each)
+SHARED_CAPTIONS = (("the great wave off kanagawa, woodblock print poster", 12),
+                    ("Vintage travel poster of a mountain lake", 6),
+                    ("portrait of a woman with a pearl earring", 3))
+
+
+def spelling(text: str, variant: int) -> str:
+    """One of the ways a shared caption is written on the web (all normalise to the same text)."""
+    return [text, text.upper(), "  ".join(text.split()), f"{text} https://shop.example.com/p/{variant}"][variant % 4]
 
 
 @dataclass
@@ -68,12 +82,22 @@ def build_corpus(cfg: DemoConfig) -> dict[str, Any]:
     from pipeline.sample import laion_sample, sample_key, write_tar
 
     rng = np.random.default_rng(cfg.seed)
+    captions = [synthetic.caption(cfg.seed + i) for i in range(cfg.corpus_size)]
+    shared_rows = rng.permutation(cfg.corpus_size)
+    shared: set[int] = set()
+    at = 0
+    for text, size in SHARED_CAPTIONS:
+        size = max(2, min(size, cfg.corpus_size // 10))
+        for v, row in enumerate(shared_rows[at:at + size]):
+            captions[int(row)] = spelling(text, v)
+            shared.add(int(row))
+        at += size
     keys, urls, samples = [], [], []
     shard = 0
     for i, image in enumerate(corpus_images(cfg.corpus_size, cfg.seed)):
         key = sample_key(i // PER_TAR, i % PER_TAR)
         url = f"https://images.example.org/{rng.integers(1 << 40):x}/{key}.jpg"
-        samples.append(laion_sample(key, image, synthetic.caption(cfg.seed + i), url))
+        samples.append(laion_sample(key, image, captions[i], url))
         keys.append(key)
         urls.append(url)
         if len(samples) == PER_TAR or i == cfg.corpus_size - 1:
@@ -83,7 +107,8 @@ def build_corpus(cfg: DemoConfig) -> dict[str, Any]:
     subset = pa.table({"key": [k for k, s in zip(keys, in_subset) if s], "url": [u for u, s in zip(urls, in_subset) if s]})
     Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
     pq.write_table(subset, join(cfg.workdir, "subset.parquet"))
-    return {"keys": keys, "in_subset": in_subset}
+    return {"keys": keys, "in_subset": in_subset, "captions": dict(zip(keys, captions)),
+            "shared": {keys[i] for i in shared}}
 
 
 def corpus_image(workdir: str, key: str):
@@ -111,18 +136,22 @@ def plant_queries(cfg: DemoConfig, corpus: dict[str, Any]) -> list[dict[str, Any
 
     used: set[str] = set()
 
-    def pick(from_subset: bool) -> str:
-        while True:
-            k = str(rng.choice(pools[from_subset]))
-            if k not in used:
-                used.add(k)
-                return k
+    def pick(from_subset: bool, shared: bool = False) -> str:
+        pool = [k for k in pools[from_subset] if k in corpus["shared"]] if shared else pools[from_subset]
+        free = [k for k in pool if k not in used] or [k for k in pools[from_subset] if k not in used]
+        k = str(rng.choice(free))
+        used.add(k)
+        return k
 
-    for edit in synthetic.EDITS:
+    for e, edit in enumerate(synthetic.EDITS):
         for j in range(cfg.copies_per_edit):
-            source = pick(from_subset=j % 2 == 0)
+            # every fourth copy is of an image whose caption is shared; every other prompt is the
+            # source's caption word for word
+            source = pick(from_subset=j % 2 == 0, shared=(j + e) % 4 == 0)
             image = synthetic.apply_edit(edit, corpus_image(cfg.workdir, source), int(rng.integers(1 << 31)))
-            save(f"copy-{edit}-{j}", image, f"a {edit} copy", edit=edit, source_key=source, source_in_subset=j % 2 == 0)
+            prompt = corpus["captions"][source] if j % 2 == 1 else f"a {edit} copy"
+            save(f"copy-{edit}-{j}", image, prompt, edit=edit, source_key=source, source_in_subset=j % 2 == 0,
+                 prompt_is_caption=j % 2 == 1, caption_shared=source in corpus["shared"])
     for j in range(cfg.pasted):
         source = pick(from_subset=j % 2 == 0)
         background = synthetic.scene(NOVEL_SEED + 1000 + j, (512, 384))
@@ -130,8 +159,10 @@ def plant_queries(cfg: DemoConfig, corpus: dict[str, Any]) -> list[dict[str, Any
         save(f"paste-{j}", image, "an object in a new scene", edit="paste", source_key=source,
              source_in_subset=j % 2 == 0, box=list(box))
     for j in range(cfg.novel):
-        save(f"novel-{j}", synthetic.scene(NOVEL_SEED + j, (384, 320)), "something new", edit="novel",
-             source_key=None, source_in_subset=None)
+        # a third of the novel images have a training caption as prompt: such a prompt alone copies nothing
+        prompt = corpus["captions"][str(rng.choice(keys))] if j % 3 == 0 else "something new"
+        save(f"novel-{j}", synthetic.scene(NOVEL_SEED + j, (384, 320)), prompt, edit="novel",
+             source_key=None, source_in_subset=None, prompt_is_caption=j % 3 == 0)
     (Path(cfg.workdir) / "truth.json").write_text(json.dumps(truth, indent=1))
     return truth
 
@@ -166,7 +197,8 @@ def score_run(run_url: str, truth: list[dict[str, Any]], summary: RunSummary) ->
 
 
 def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any]:
-    from pipeline.config import EmbedConfig, IndexConfig, SearchConfig
+    from pipeline.captions import run_captions
+    from pipeline.config import CaptionsConfig, EmbedConfig, IndexConfig, SearchConfig
     from pipeline.embed import run_embed
     from pipeline.index.build import run_build
     from pipeline.index.factory import default_nlist
@@ -181,6 +213,10 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
 
     s = run_embed(EmbedConfig(input=[join(work, "corpus", "*.tar")], output=join(work, "embeddings")), progress)
     progress.log(f"embedded {s.embedded}/{s.images} corpus images ({s.images_per_s:.0f} img/s)")
+    counted = run_captions(CaptionsConfig(embeddings=join(work, "embeddings"), output=join(work, "captions"),
+                                          partitions=4), progress)
+    progress.log(f"counted {counted.rows_with_caption} captions: {counted.distinct_captions} distinct, "
+                 f"{counted.distinct_normalized} after normalisation")
     # A corpus this small trains OPQ slowly for no gain: plain IVF-PQ, exact rerank restores scores.
     nlist = default_nlist(s.embedded)
     run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"),
@@ -188,7 +224,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
 
     search = SearchConfig(queries=join(work, "generated"), index=join(work, "index"), output=join(work, "results"),
                           run_id="demo", subset=join(work, "subset.parquet"),
-                          baseline_size=min(cfg.baseline_size, cfg.corpus_size))
+                          baseline_size=min(cfg.baseline_size, cfg.corpus_size),
+                          captions=join(work, "captions"), label="demo: default descriptor")
     result = run_search(search, progress)
     scores = score_run(result.run_url, truth, result.summary)
     scores["report"] = join(result.run_url, GALLERY)

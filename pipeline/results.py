@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import to_dict
 from pipeline.layout.runs import MATCHES, QUERIES, RunRecord
+from pipeline.nl2 import ALPHA as NL2_ALPHA
+from pipeline.nl2 import SIZE as NL2_SIZE
 
 if TYPE_CHECKING:
     from pipeline.search import Candidate, SearchPlan
@@ -31,10 +33,29 @@ def thumbnail(image, side: int = 256) -> bytes:
     return buf.getvalue()
 
 
+def caption_columns(plan: "SearchPlan", pairs: list[tuple[str | None, str | None]], embedder) -> dict[str, list]:
+    """Per (prompt, caption) of each match: the caption's counts in the corpus (when the run has
+    caption counts) and the prompt against the caption (pipeline/prompts.py)."""
+    from pipeline.captions import caption_keys, lookup
+    from pipeline.prompts import exact_match, text_similarity, token_overlap
+
+    prompts = [p for p, _ in pairs]
+    captions = [c for _, c in pairs]
+    counts = lookup(plan.captions, caption_keys(captions)) if plan.captions is not None else [None] * len(pairs)
+    return {
+        "caption_count": [c["caption_count"] if c else None for c in counts],
+        "caption_count_normalized": [c["normalized_count"] if c else None for c in counts],
+        "prompt_caption_exact": [exact_match(p, c) for p, c in pairs],
+        "prompt_caption_overlap": [token_overlap(p, c) for p, c in pairs],
+        "prompt_caption_clip": text_similarity(embedder, prompts, captions),
+    }
+
+
 def result_rows(plan: "SearchPlan", queries, picks: list[list["Candidate"]], groups, boxes,
-                identity: dict[str, Any], subset: set[str] | None, registry) -> dict[str, list[dict[str, Any]]]:
+                identity: dict[str, Any], subset: set[str] | None, registry, embedder=None) -> dict[str, list[dict[str, Any]]]:
     """The rows of one batch of queries: ``matches`` (the best ``top_k`` of each query's ranked
     candidates) and ``queries`` (the similarity maxima over all its candidates)."""
+    from pipeline.layout.runs import RERANK_COLUMNS
     from pipeline.search import rows_by_id
 
     cfg, run_id = plan.cfg, plan.run_id
@@ -52,7 +73,10 @@ def result_rows(plan: "SearchPlan", queries, picks: list[list["Candidate"]], gro
                 "url": c.row["url"], "caption": c.row["caption"], "tar_url": c.row["tar_url"],
                 "tar_offset": c.row["tar_offset"], "tar_size": c.row["tar_size"],
                 "score_index": c.score_index, "score_exact": c.score_exact, "score_rerank": c.score_rerank,
-                "similarity": c.similarity, "score": c.score, "region": c.region, "region_box": list(regions[c.region]),
+                "similarity": c.similarity, "score": c.score,
+                **{column: c.scores.get(name) for name, column in RERANK_COLUMNS.items()},
+                "nl2": c.nl2, "nl2_references": c.nl2_references,
+                "region": c.region, "region_box": list(regions[c.region]),
                 "in_subset": in_subset(c.row, subset), "inliers": c.inliers, "tentative_matches": c.matches,
                 "verify_score": c.verify_score,
                 "query_box": list(c.query_box) if c.query_box else None,
@@ -79,14 +103,31 @@ def result_rows(plan: "SearchPlan", queries, picks: list[list["Candidate"]], gro
             "replicated": bool(best_similarity is not None and best_similarity >= tau),
             "copy_outside_subset_only": bool(sim_out is not None and sim_out >= tau and (sim_in is None or sim_in < tau)),
         })
+    extra = caption_columns(plan, [(m["prompt"], m["caption"]) for m in m_rows], embedder)
+    for i, m in enumerate(m_rows):
+        m.update({column: values[i] for column, values in extra.items()})
     return {MATCHES: m_rows, QUERIES: q_rows}
+
+
+def caption_record(plan: "SearchPlan") -> dict[str, Any] | None:
+    """What run.json says of the caption counts the matches were joined to."""
+    if plan.captions is None:
+        return None
+    from pipeline.layout.embeddings import EmbeddingsFolder
+
+    info = plan.captions.read_info()
+    corpus = len(EmbeddingsFolder(plan.manifest.embeddings, plan.index.storage).complete_shards())
+    return {"url": plan.captions.url, "normalization": info.normalization, "rows": info.rows,
+            "distinct_captions": info.distinct_captions, "distinct_normalized": info.distinct_normalized,
+            "shards": info.shards, "corpus_shards": corpus}
 
 
 def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, counters: dict[str, int],
                blocklist: set[str], subset: set[str] | None, calibrated: float | None, self_recall: float | None,
-               nprobe: int, seconds: float, score_model: dict[str, Any] | None = None) -> RunRecord:
+               nprobe: int, seconds: float, score_model: dict[str, Any] | None = None, stage=None) -> RunRecord:
     """``run.json``: settings, thresholds, index and coverage of one run."""
     from pipeline.layout.embeddings import EmbeddingsFolder
+    from pipeline.layout.runs import SCORE_VERSION
     from pipeline.verify import DEFAULT_METHOD
 
     cfg, manifest = plan.cfg, plan.manifest
@@ -107,9 +148,15 @@ def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, cou
         created_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         seconds=round(seconds, 2),
         queries=n_queries,
+        label=cfg.label or None,
+        score_version=SCORE_VERSION,
         embedder=identity,
         settings=settings,
-        rerank={"embedder": cfg.rerank.name or None, "top": cfg.rerank_top if cfg.rerank.name else 0},
+        rerank={"embedder": stage.primary.name if stage else None, "top": cfg.rerank_top if stage else 0,
+                "descriptors": stage.identities() if stage else []},
+        nl2={"neighbours": cfg.nl2_neighbours, "alpha": NL2_ALPHA, "pixels": f"{NL2_SIZE}x{NL2_SIZE} RGB in [0, 1]",
+             "references": "the query's best candidates by similarity"} if cfg.nl2_neighbours else None,
+        captions=caption_record(plan),
         verify={"top": cfg.verify_top, "method": DEFAULT_METHOD},
         thresholds={"replication": cfg.replication_threshold, "duplicate": cfg.duplicate_threshold,
                     "calibrated": calibrated},

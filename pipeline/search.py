@@ -7,12 +7,16 @@ For each query (a generated image):
   3. rescore every candidate exactly on its stored vector; a corpus image's score is its best
      over the query's regions;
   4. drop blocklisted candidates (by key, URL or image hash) before any pixels are fetched;
-  5. optionally rescore the best ``rerank_top`` with a second descriptor on their pixels
-     (fetched by ranged reads from the corpus tars), and verify the best ``verify_top`` (plus
+  5. optionally rescore the best ``rerank_top`` with second-stage descriptors on their pixels
+     (fetched by ranged reads from the corpus tars; pipeline/second_stage.py: SSCD, DINO, DCR's
+     split-product...), and verify the best ``verify_top`` (plus
      each region's own best) with local features, keeping the matched boxes;
   6. give every candidate one final score from all that evidence (:mod:`pipeline.scoring`) and
      rank by it;
-  7. mark each match inside/outside the subset and count its near-duplicates in the corpus.
+  7. mark each match inside/outside the subset and count its near-duplicates in the corpus;
+  8. the nL2 of each match on pixels (pipeline/nl2.py), and, when the corpus's captions were
+     counted (``replica captions``), how many training images carry the match's caption; the
+     prompt against that caption (pipeline/prompts.py).
 
 A baseline (corpus images searched against the corpus, themselves excluded, through the same
 regions, rerank, verification and final score) calibrates a threshold at a fixed
@@ -48,6 +52,11 @@ class Candidate:
     region: int
     row: dict[str, Any] = field(default_factory=dict)
     score_rerank: float | None = None
+    #: each second-stage descriptor's similarity, by name (score_rerank is the first's)
+    scores: dict[str, float] = field(default_factory=dict)
+    #: normalised L2 on pixels (pipeline.nl2) and the number of references it was normalised by
+    nl2: float | None = None
+    nl2_references: int | None = None
     inliers: int | None = None
     #: verification's tentative (ratio-test) matches
     matches: int | None = None
@@ -86,6 +95,8 @@ class SearchPlan:
     rerank_depth: int
     #: where they came from ("config", "index tuning", "default")
     settings_from: str
+    #: the corpus's caption counts (`replica captions`), when the search joins them
+    captions: Any = None
 
 
 @dataclass
@@ -112,6 +123,7 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
     """Fail before any work: index readable, output writable, settings possible."""
     from pipeline.embedders import validate as validate_embedder
     from pipeline.layout.runs import check_run_id
+    from pipeline.second_stage import validate as validate_second_stage
 
     if not cfg.index:
         raise ConfigError("no index given: pass --index with a built index folder")
@@ -121,14 +133,16 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
         raise ConfigError(f"need 1 <= top_k <= candidates, got top_k={cfg.top_k}, candidates={cfg.candidates}")
     if not 0 < cfg.fpr < 1:
         raise ConfigError(f"fpr must be between 0 and 1, got {cfg.fpr}")
+    if cfg.nl2_neighbours < 0:
+        raise ConfigError(f"nl2_neighbours must be >= 0 (0 = no nL2), got {cfg.nl2_neighbours}")
+    validate_second_stage(cfg)
     index = IndexFolder(cfg.index, cfg.s3)
     manifest = index.read_manifest()
     embedder = cfg.embedder if cfg.embedder.name else corpus_embedder_config(manifest, index)
     run_id = cfg.run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     check_run_id(run_id)
     validate_embedder(embedder, cfg.s3)
-    if cfg.rerank.name:
-        validate_embedder(cfg.rerank, cfg.s3)
+    captions = caption_counts(cfg, manifest) if cfg.captions else None
     results = ResultsFolder(cfg.output, cfg.s3)
     try:
         results.check_writable()
@@ -142,7 +156,24 @@ def plan_search(cfg: SearchConfig) -> SearchPlan:
         raise ConfigError(f"rerank_depth {depth} is smaller than top_k {cfg.top_k}")
     if cfg.query_batch_size < 1:
         raise ConfigError(f"query_batch_size must be >= 1, got {cfg.query_batch_size}")
-    return SearchPlan(cfg, index, manifest, embedder, run_id, results.run(run_id), nprobe, depth, source)
+    return SearchPlan(cfg, index, manifest, embedder, run_id, results.run(run_id), nprobe, depth, source, captions)
+
+
+def caption_counts(cfg: SearchConfig, manifest: Manifest):
+    """The caption-counts folder, refused unless it counted the index's own embeddings."""
+    from pipeline.captions import NORMALIZATION
+    from pipeline.errors import MismatchError
+    from pipeline.layout.captions import CaptionsFolder
+
+    folder = CaptionsFolder(cfg.captions, cfg.s3)
+    info = folder.read_info()
+    if info.embeddings.rstrip("/") != manifest.embeddings.rstrip("/"):
+        raise MismatchError(f"caption counts {cfg.captions!r} were made from {info.embeddings!r}, but the index "
+                            f"holds {manifest.embeddings!r}: run `replica captions` on the index's embeddings")
+    if info.normalization != NORMALIZATION:
+        raise MismatchError(f"caption counts {cfg.captions!r} were normalised as {info.normalization!r}, this "
+                            f"version as {NORMALIZATION!r}: count them again into a new folder")
+    return folder
 
 
 # --------------------------------------------------------------------------- the search
@@ -200,39 +231,43 @@ def fetch_image(row: dict[str, Any], storage):
     return load_candidate(row["tar_url"], row["tar_offset"], row["tar_size"], storage)
 
 
-def second_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters, rerank: "EmbedPool") -> None:
-    """Rescore each query's best candidates with the rerank descriptor on fetched pixels."""
-    tops = [cands[: cfg.rerank_top] for cands in picks]
-    scores = rerank.rescore(images, [[c.row for c in top] for top in tops], cfg.regions, cfg.s3)
-    for cands, top, found in zip(picks, tops, scores):
-        for c, sc in zip(top, found):
-            c.score_rerank = float(sc)
+def second_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters, pool: "EmbedPool") -> None:
+    """Rescore each query's best candidates with every second-stage descriptor on their fetched pixels."""
+    # a query whose candidates include rows without pixels (imported embeddings) keeps its similarities
+    tops = [cands[: cfg.rerank_top] if all(has_pixels(c.row) for c in cands[: cfg.rerank_top]) else []
+            for cands in picks]
+    found = pool.rescore(images, [[c.row for c in top] for top in tops], cfg.regions, cfg.s3)
+    primary = pool.stage.primary.name
+    for cands, top, scores in zip(picks, tops, found):
+        for i, c in enumerate(top):
+            c.scores = {name: float(values[i]) for name, values in scores.items()}
+            c.score_rerank = c.scores[primary]
         counters["pixels_fetched"] += len(top)
         cands[: len(top)] = sorted(top, key=lambda c: -c.similarity)
 
 
-def rerank_scores(embedder, images, rows: list[list[dict[str, Any]]], regions: bool, storage) -> list[list[float]]:
-    """Each query's similarity to its candidates' fetched pixels under ``embedder`` (best region)."""
+def stage_scores(stage, images, rows: list[list[dict[str, Any]]], regions: bool, storage) -> list[dict[str, list]]:
+    """Each query's similarities to its candidates' fetched pixels, per second-stage descriptor."""
     out = []
     for image, found in zip(images, rows):
         if not found:
-            out.append([])
+            out.append({d.name: [] for d in stage.descriptors})
             continue
-        qv = embedder.embed_regions(image)[0] if regions else embedder.embed_images([image])
-        cv = embedder.embed_images([fetch_image(r, storage) for r in found])
-        out.append((cv @ qv.T).max(axis=1).tolist())
+        scores = stage.scores(image, [fetch_image(r, storage) for r in found], regions)
+        out.append({name: np.asarray(values).tolist() for name, values in scores.items()})
     return out
 
 
 class EmbedActor:
-    """The query embedder, and the second-stage descriptor when there is one, in a Ray actor (on a
-    GPU when the pool asks for one)."""
+    """The query embedder, and the second-stage descriptors when there are any, in a Ray actor (on
+    a GPU when the pool asks for one)."""
 
-    def __init__(self, query: EmbedderConfig, rerank: EmbedderConfig | None, storage):
+    def __init__(self, query: EmbedderConfig, cfg: SearchConfig, storage):
         from pipeline.embedders import build_embedder
+        from pipeline.second_stage import from_search
 
         self.query = build_embedder(query, storage)
-        self.rerank = build_embedder(rerank, storage) if rerank is not None else None
+        self.stage = from_search(cfg)
 
     def ready(self) -> bool:
         return True
@@ -241,27 +276,28 @@ class EmbedActor:
         return embed_queries(self.query, images, regions)
 
     def rescore(self, images, rows, regions: bool, storage):
-        return rerank_scores(self.rerank, images, rows, regions, storage)
+        return stage_scores(self.stage, images, rows, regions, storage)
 
 
 class EmbedPool:
-    """Query-side embedding: the query regions, and the second-stage descriptor on fetched pixels.
+    """Query-side embedding: the query regions, and the second-stage descriptors on fetched pixels.
 
     In the driver, or spread over Ray actors (``start``): ``actors`` < 0 means one GPU actor per GPU
     of the cluster, or the driver when it has none; N means N actors (GPU ones when the cluster has
-    GPUs), each holding both descriptors.
+    GPUs), each holding all the descriptors.
     """
 
     #: seconds to wait for the actors to be placed (a GPU node may have to be started first)
     PLACE_TIMEOUT_S = {"cpu": 120, "gpu": 900}
 
-    def __init__(self, query: EmbedderConfig, rerank: EmbedderConfig | None, storage):
+    def __init__(self, query: EmbedderConfig, cfg: SearchConfig, storage):
         from pipeline.embedders import build_embedder
+        from pipeline.second_stage import from_search
 
-        self.cfgs, self.storage = (query, rerank), storage
+        self.cfgs, self.storage = (query, cfg), storage
         # the driver's copies: their identities, or the work itself
         self.query = build_embedder(query, storage)
-        self.rerank = build_embedder(rerank, storage) if rerank is not None else None
+        self.stage = from_search(cfg)
         self.actors: list = []
 
     def start(self, actors: int) -> "EmbedPool":
@@ -307,9 +343,9 @@ class EmbedPool:
         return (np.concatenate([v for v, _, _ in answers]),
                 np.concatenate([o + first for (_, o, _), first in zip(answers, firsts)]), boxes)
 
-    def rescore(self, images, rows, regions: bool, storage) -> list[list[float]]:
+    def rescore(self, images, rows, regions: bool, storage) -> list[dict[str, list]]:
         if not self.actors:
-            return rerank_scores(self.rerank, images, rows, regions, storage)
+            return stage_scores(self.stage, images, rows, regions, storage)
         answers, _ = self._spread("rescore", [images, rows], regions, storage)
         return [found for answer in answers for found in answer]
 
@@ -319,6 +355,30 @@ class EmbedPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+
+
+def nl2_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters) -> None:
+    """nL2 of each query's ``top_k`` matches, its best ``nl2_neighbours`` candidates by similarity
+    standing for its nearest training images (pixels fetched in one Ray task per query)."""
+    import ray
+
+    from pipeline.nl2 import nl2_of_rows
+    from pipeline.ray_util import RetryPolicy, cluster_cpus, run_bounded
+
+    task = ray.remote(nl2_of_rows).options(num_cpus=1)
+    refs = [sorted(c, key=lambda c: -c.similarity)[: cfg.nl2_neighbours] for c in picks]
+    tops = [c[: cfg.top_k] for c in picks]
+
+    def record(qi: int, result: tuple[list[float | None], int]) -> None:
+        scores, used = result
+        for c, s in zip(tops[qi], scores):
+            c.nl2, c.nl2_references = s, (used if s is not None else None)
+        counters["pixels_fetched"] += len({c.id for c in refs[qi] + tops[qi]})
+
+    run_bounded([qi for qi, top in enumerate(tops) if top],
+                lambda qi, _actor: task.remote(images[qi], [c.row for c in refs[qi]], [c.row for c in tops[qi]], cfg.s3),
+                record, window=lambda: max(2, 2 * int(cluster_cpus())),
+                retry=RetryPolicy(max_attempts=4, retry_on=(OSError, ray.exceptions.WorkerCrashedError)))
 
 
 def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) -> list[Candidate]:
@@ -345,7 +405,7 @@ def verify_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counte
     from pipeline.ray_util import RetryPolicy, cluster_cpus, run_bounded
 
     task = ray.remote(verify_query).options(num_cpus=1)
-    pools = [verification_pool(c, cfg.verify_top) for c in picks]
+    pools = [[c for c in verification_pool(cands, cfg.verify_top) if has_pixels(c.row)] for cands in picks]
 
     def record(qi: int, results: list[tuple]) -> None:
         for c, (inliers, matches, score, qbox, cbox, size) in zip(pools[qi], results):
@@ -361,15 +421,24 @@ def verify_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counte
 
 
 def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, source, registry, blocklist: set[str], counters,
-                 model, rerank=None, exclude: list[set[int]] | None = None) -> tuple[list[list[Candidate]], list[tuple]]:
+                 model, rerank=None, exclude: list[set[int]] | None = None,
+                 vectors: np.ndarray | None = None) -> tuple[list[list[Candidate]], list[tuple]]:
     """Every stage of the search for a list of images (queries, or baseline samples with their
     own ids in ``exclude``): regions, candidates, blocklist, rerank, verification, final score.
     Returns each image's candidates, best final score first, and each image's region boxes
-    (``Candidate.region`` numbers the image's own regions)."""
+    (``Candidate.region`` numbers the image's own regions).
+
+    ``vectors`` instead of images: stored vectors of corpus rows that have no pixels (imported
+    embeddings), searched whole, without the stages that need the query's pixels."""
     from pipeline.scoring import rank
 
-    vecs, owner, boxes = embedder.embed(images, cfg.regions)
-    per_query = candidate_search(vecs, owner, len(images), searcher, source, cfg, depth)
+    if vectors is None:
+        vecs, owner, boxes = embedder.embed(images, cfg.regions)
+        sizes = [im.size for im in images]
+    else:
+        vecs, owner = vectors, np.arange(len(vectors))
+        boxes, sizes = [(0, 0, 1, 1)] * len(vectors), [(1, 1)] * len(vectors)
+    per_query = candidate_search(vecs, owner, len(sizes), searcher, source, cfg, depth)
     by_id = rows_by_id(sorted({i for found in per_query for i in found}), registry)
     picks: list[list[Candidate]] = []
     for qi, found in enumerate(per_query):
@@ -383,19 +452,24 @@ def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, sour
                 continue
             kept.append(c)
         picks.append(kept)
-    if rerank is not None:
+    if rerank is not None and vectors is None:
         second_stage(images, picks, cfg, counters, rerank)
         # The matches are what the second descriptor looked at: one similarity scale for all.
         picks = [p[: cfg.rerank_top] for p in picks]
-    if cfg.verify_top:
+    if cfg.verify_top and vectors is None:
         verify_stage(images, picks, cfg, counters)
-    ranked = [rank(p, model, im.size, boxes) for p, im in zip(picks, images)]
+    ranked = [rank(p, model, size, boxes) for p, size in zip(picks, sizes)]
     # Region numbers and boxes per query from here on (a query's rows never depend on its batch).
-    first = np.searchsorted(owner, np.arange(len(images) + 1))
+    first = np.searchsorted(owner, np.arange(len(sizes) + 1))
     for qi, cands in enumerate(ranked):
         for c in cands:
             c.region -= int(first[qi])
-    return ranked, [boxes[first[qi]:first[qi + 1]] for qi in range(len(images))]
+    return ranked, [boxes[first[qi]:first[qi + 1]] for qi in range(len(sizes))]
+
+
+def has_pixels(row: dict[str, Any]) -> bool:
+    """Whether a corpus row says where its image is (imported embeddings do not)."""
+    return bool(row.get("tar_url")) and row.get("tar_offset") is not None
 
 
 def score_model(cfg: SearchConfig, identity: dict[str, Any]):
@@ -496,8 +570,8 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     for spec in cfg.blocklist:
         blocklist |= load_key_set(spec, storage)
     subset = load_key_set(cfg.subset, storage) if cfg.subset else None
-    embedder = EmbedPool(plan.embedder, cfg.rerank if cfg.rerank.name else None, storage)
-    rerank = embedder if cfg.rerank.name else None  # the pool's second descriptor
+    embedder = EmbedPool(plan.embedder, cfg, storage)
+    rerank = embedder if embedder.stage is not None else None  # the pool's second stage
     plan.manifest.check(identity=embedder.identity(), where=f"index {plan.index.url!r}")  # before anything is written
     size = cfg.query_batch_size
     batches = [listed.refs[a:a + size] for a in range(0, len(listed.refs), size)]
@@ -509,7 +583,7 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     with IndexSearcher(plan.index, identity=embedder.identity(), ray_address=cfg.ray.address,
                        nprobe=plan.nprobe) as searcher:
         embedder.start(cfg.embed_actors)
-        model = score_model(cfg, (embedder.rerank or embedder.query).identity())
+        model = score_model(cfg, embedder.stage.primary.identity() if embedder.stage else embedder.identity())
         identity = embedder.identity()
         source = source_for(plan.index, plan.manifest)
         registry = Registry.load(plan.index)
@@ -548,7 +622,8 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     with progress.step(f"writing results to {plan.run.url}"):
         plan.run.assemble_batches(len(batches))
         plan.run.write_record(run_record(plan, identity, n_queries, counters, blocklist, subset, calibrated,
-                                         base.self_recall, nprobe, time.time() - started, model.identity()))
+                                         base.self_recall, nprobe, time.time() - started, model.identity(),
+                                         embedder.stage))
         plan.run.remove_batches()
     with progress.step("writing the report"):
         summary = run_report(plan.run)
@@ -570,8 +645,10 @@ def search_batch(plan: SearchPlan, n: int, refs, embedder, rerank, searcher, sou
     if queries:
         picks, boxes = match_images([q.image for q in queries], cfg, plan.rerank_depth, embedder, searcher, source,
                                     registry, blocklist, counters, model, rerank)
+        if cfg.nl2_neighbours:
+            nl2_stage([q.image for q in queries], picks, cfg, counters)
         groups = neighbours(sorted({c.id for p in picks for c in p[: cfg.top_k]}), searcher, source, cfg)
-    tables = result_rows(plan, queries, picks, groups, boxes, identity, subset, registry)
+    tables = result_rows(plan, queries, picks, groups, boxes, identity, subset, registry, embedder.query)
     plan.run.write_batch(BatchRecord(batch_unit(n), queries=len(queries), pixels_fetched=counters["pixels_fetched"],
                                      blocked=counters["blocked"], seconds=round(time.time() - t, 2),
                                      unreadable=[list(u) for u in found.unreadable]), tables)
@@ -594,11 +671,16 @@ def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher,
     stored = neighbours(ids, searcher, source, cfg)
     self_recall = float(np.mean([any(n == i for _, n in stored[i]) for i in ids])) if ids else None
     dups = {i: {n for s, n in stored[i] if s >= cfg.duplicate_threshold and n != i} for i in ids}
-    images = [fetch_image(rows[i], cfg.s3) for i in ids]
-    counters["pixels_fetched"] += len(images)
-    ranked, _ = match_images(images, cfg, depth, embedder, searcher, source, registry, blocklist,
-                             {"pixels_fetched": 0, "blocked": 0}, model, rerank,
-                             exclude=[{i} for i in ids]) if ids else ([], [])
+    ranked: list[list[Candidate]] = []
+    if ids and all(has_pixels(rows[i]) for i in ids):
+        images = [fetch_image(rows[i], cfg.s3) for i in ids]
+        counters["pixels_fetched"] += len(images)
+        ranked, _ = match_images(images, cfg, depth, embedder, searcher, source, registry, blocklist,
+                                 {"pixels_fetched": 0, "blocked": 0}, model, rerank, exclude=[{i} for i in ids])
+    elif ids:  # imported embeddings: no pixels to search with, so their stored vectors, whole
+        ranked, _ = match_images(None, cfg, depth, embedder, searcher, source, registry, blocklist,
+                                 {"pixels_fetched": 0, "blocked": 0}, model, exclude=[{i} for i in ids],
+                                 vectors=source.fetch(np.asarray(ids, np.int64)))
     top_keys = {i: r["key"] for i, r in rows_by_id(sorted({o[0].id for o in ranked if o}), registry, ["key"]).items()}
     out: dict[str, list] = {k: [] for k in ("run_id", "sample_key", "top1_score", "top1_key", "top1_score_no_dups",
                                             "top1_similarity", "top1_similarity_no_dups", "near_dup_count")}

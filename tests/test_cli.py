@@ -91,6 +91,15 @@ def test_last_releases_names_are_accepted_with_a_warning(tmp_path):
     index.write_text("index:\n  index: i\n  ray_address: ray://h:10001\n")
     data, notes = file_section(str(index), "index")
     assert data == {"index": "i", "ray": {"address": "ray://h:10001"}} and len(notes) == 1
+    # last release's single second stage: today's list and weights section
+    rerank = tmp_path / "rerank.yaml"
+    rerank.write_text("search:\n  rerank: {name: sscd, checkpoint: s.pt, image_size: 64}\n  rerank_top: 5\n")
+    data, notes = file_section(str(rerank), "search")
+    assert data == {"rerank": ["sscd"], "sscd": {"checkpoint": "s.pt", "image_size": 64}, "rerank_top": 5}
+    assert len(notes) == 1 and "use `rerank: [sscd]` and its weights under `sscd:`" in notes[0]
+    assert build(SECTIONS["search"], data).sscd.embedder("sscd").checkpoint == "s.pt"
+    rerank.write_text("search:\n  rerank: {name: ''}\n")
+    assert file_section(str(rerank), "search") == ({"rerank": []}, [])
     keys = tmp_path / "keys.yaml"
     keys.write_text("search:\n  storage: {key: AKIA, secret: s}\n")
     with pytest.raises(Exception, match="no longer read from config files"):
@@ -115,6 +124,7 @@ def test_usage_errors_are_one_line_refusals():
 
 def test_flag_names_follow_the_rule_for_nested_sections():
     flags = {f.field: f.flag for f in flags_of(SECTIONS["search"])}
-    assert flags["embedder.name"] == "--embedder" and flags["rerank.checkpoint"] == "--rerank-checkpoint"
+    assert flags["embedder.name"] == "--embedder" and flags["dino.checkpoint"] == "--dino-checkpoint"
+    assert flags["rerank"] == "--rerank" and flags["rerank_chunks"] == "--rerank-chunks"
     assert flags["s3.endpoint_url"] == "--s3-endpoint-url" and flags["ray.address"] == "--ray-address"
     assert flags["queries"] == "--queries"

@@ -76,6 +76,11 @@ def in_subset(i: int) -> bool:
     return i % 3 == 0
 
 
+def caption_rows(i: int) -> int:
+    """How many training rows carry corpus image i's caption (as `replica captions` would count)."""
+    return (1, 3, 12, 150)[i % 4]
+
+
 def dup_group(i: int) -> tuple[str, int]:
     # Images 2 and 3 are copies of each other in the training set; the rest are unique.
     return ("g2", 2) if i in (2, 3) else (f"g{i}", 1)
@@ -126,6 +131,9 @@ def build_run(results: Path, run_id: str, seed: int, records: dict[int, dict], n
                     "query_box": [64, 48, 320, 240] if verified else None,
                     "match_box": [40, 30, 200, 160] if verified else None,
                     "dup_group": group, "dup_group_size": size,
+                    "caption_count": caption_rows(int(ci)), "caption_count_normalized": caption_rows(int(ci)),
+                    "nl2": float(1.6 - s), "nl2_references": 50,
+                    "prompt_caption_exact": rank == 1 and qi % 5 == 0, "prompt_caption_overlap": 0.6 if qi % 3 else 0.1,
                     "embedder": "default", "preprocess": "resize256-crop224",
                 })
                 matches.append((s, int(ci)))
@@ -185,6 +193,52 @@ def results(tmp_path_factory, corpus):
 
 
 # --------------------------------------------------------------------------- brute force
+
+
+def test_memorisation_figures_equal_brute_force(results):
+    """nL2 tails, replication by caption duplication and by prompt, the most copied images."""
+    _, dirs, summaries = results
+    for run_dir, summary in zip(dirs, summaries):
+        matches = pq.read_table(run_dir / "matches.parquet").to_pylist()
+        queries = pq.read_table(run_dir / "queries.parquet").to_pylist()
+        smallest: dict[str, float] = {}
+        best: dict[str, dict] = {}
+        for m in matches:
+            smallest[m["query_key"]] = min(smallest.get(m["query_key"], 9.0), m["nl2"])
+            if m["query_key"] not in best or m["similarity"] > best[m["query_key"]]["similarity"]:
+                best[m["query_key"]] = m
+        values = np.array(list(smallest.values()))
+        n = summary.nl2
+        assert n["n"] == len(values) and n["min"] == pytest.approx(values.min())
+        assert n["p5"] == pytest.approx(np.percentile(values, 5)) and n["p95"] == pytest.approx(np.percentile(values, 95))
+        assert n["max"] == pytest.approx(values.max())
+
+        tau = summary.thresholds["replication"]
+        dup: dict[str, list[bool]] = {}
+        prompt: dict[str, list[bool]] = {}
+        for q in queries:
+            m = best.get(q["query_key"])
+            if m is None:
+                continue
+            hit = q["best_similarity"] >= tau
+            rows = m["caption_count_normalized"]
+            dup.setdefault("1" if rows == 1 else "2-9" if rows < 10 else "10-99" if rows < 100 else "100+", []).append(hit)
+            group = ("prompt = caption" if m["prompt_caption_exact"] else
+                     "shares >= 50% of words" if m["prompt_caption_overlap"] >= 0.5 else "different")
+            prompt.setdefault(group, []).append(hit)
+        mem = summary.memorisation
+        for got, want in ((mem["by_caption_duplication"], dup), (mem["by_prompt_caption"], prompt)):
+            assert {e["group"]: (e["count"], e["n"]) for e in got} == {g: (sum(v), len(v)) for g, v in want.items()}
+            for e in got:
+                assert e["ci95"] == pytest.approx(list(wilson_interval(e["count"], e["n"])))
+
+        copiers: dict[str, set] = {}
+        for m in matches:
+            if m["similarity"] >= tau:
+                copiers.setdefault(m["dup_group"], set()).add(m["query_key"])
+        top = sorted(copiers, key=lambda g: -len(copiers[g]))
+        assert [c["copying_generations"] for c in mem["most_copied"]] == [len(copiers[g]) for g in top][:12]
+        assert mem["most_copied"][0]["image"] in {g for g in top if len(copiers[g]) == len(copiers[top[0]])}
 
 
 def brute_wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -324,7 +378,9 @@ def test_outputs_exist_and_parse(results):
         assert page.count("class='card mcard'") == n_matches
         # Self-contained: every image is a data URI; no external resource is referenced.
         srcs = re.findall(r'<img [^>]*src="([^"]+)"', page)
-        assert len(srcs) == n_queries + n_matches + 1  # + the histogram
+        copied = json.loads((run_dir / "summary.json").read_text())["memorisation"]["most_copied"]
+        assert copied and page.count("generation(s) · similarity") == len(copied)
+        assert len(srcs) == n_queries + n_matches + 1 + len(copied)  # + the histogram, the most copied images
         assert all(s.startswith(("data:image/jpeg;base64,", "data:image/png;base64,")) for s in srcs)
         assert "image unavailable" not in page
         assert not re.search(r'(src|href)="(?!data:|https://example\.com/)', page)
@@ -391,7 +447,7 @@ def test_duckdb_queries_from_docs(dated_results, monkeypatch):
     root, dirs = dated_results
     doc = (ROOT / "docs" / "RESULTS.md").read_text()
     sql = re.findall(r"```sql\n(.*?)```", doc, re.S)
-    assert len(sql) == 3
+    assert len(sql) == 4
     monkeypatch.chdir(root.parent)
     con = duckdb.connect()
     # every row of both runs, the older run's missing columns read as None
@@ -425,6 +481,25 @@ def test_duckdb_queries_from_docs(dated_results, monkeypatch):
     for r in outside:
         m = best_match[(r[0], r[1])]
         assert r[5] == m["match_key"] and not m["in_subset"] and r[3] >= 0.5
+
+    # replication by caption duplication: each generation's most similar match, bucketed
+    by_dup = con.execute(sql[3]).fetchall()
+    best: dict[tuple, dict] = {}
+    for m in matches:
+        k = (m["run_id"], m["query_key"])
+        if k not in best or m["similarity"] > best[k]["similarity"]:
+            best[k] = m
+    want: dict[tuple, list] = {}
+    for q in queries:
+        m = best.get((q["run_id"], q["query_key"]))
+        if m is None:
+            continue
+        rows = m["caption_count_normalized"]
+        bucket = "1" if rows == 1 else "2-9" if rows < 10 else "10-99" if rows < 100 else "100+"
+        want.setdefault((q["run_id"], bucket), []).append(q["replicated"])
+    assert {(r[0], r[1]): (r[2], pytest.approx(r[3])) for r in by_dup} == \
+        {k: (len(v), sum(v) / len(v)) for k, v in want.items()}
+    assert {r[1] for r in by_dup} == {"1", "2-9", "10-99", "100+"}
 
     # Each documented option is needed: without union_by_name the older run's columns win and the
     # newer column is not found; without hive_types the date-like ids come back as dates.
@@ -484,7 +559,8 @@ def test_missing_images_and_baseline_are_reported_not_fatal(corpus, tmp_path):
     assert "calibrated" not in summary.thresholds and summary.calibration is None
     assert any("no baseline" in w for w in summary.warnings)
     page = (run_dir / "report.html").read_text()
-    assert page.count("image unavailable") == len(col(run_dir, "matches.parquet", "match_key"))
+    copied = len(summary.memorisation["most_copied"])
+    assert page.count("image unavailable") == len(col(run_dir, "matches.parquet", "match_key")) + copied
     assert page.count("FileNotFoundError") >= 1
 
 

@@ -219,13 +219,14 @@ def test_query_embedder_must_match_the_index(demo, tmp_path):
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").glob("run_id=*"))
 
 
-def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path):
+def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path, request):
     """A second descriptor (a TorchScript model on the SSCD path) rescoring fetched candidates."""
     import torch
 
-    from pipeline.config import EmbedderConfig
+    from pipeline.config import DescriptorWeights, EmbedderConfig
     from pipeline.embedders import build_embedder
     from pipeline.queries import load_queries
+    from pipeline.split_product import split_product
     from pipeline.verify import load_candidate
 
     torch.manual_seed(0)
@@ -234,25 +235,89 @@ def test_second_stage_rerank_rescores_candidates_on_their_pixels(demo, tmp_path)
     path = tmp_path / "rerank.torchscript.pt"
     torch.jit.save(torch.jit.script(net), str(path))
     rerank = EmbedderConfig(name="sscd", checkpoint=str(path), image_size=64)
+    from test_dino import ARCH, tiny_dino
+
+    # tiny models on a shared 2-core machine: torch's thread pool waits longer than it computes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    dino_config, dino_ckpt, _ = tiny_dino(tmp_path)
     cfg = SearchConfig(queries=str(demo["work"] / "generated"), index=str(demo["work"] / "index"),
-                       output=str(tmp_path / "results"), run_id="rerank", rerank=rerank, rerank_top=5,
-                       verify_top=0, top_k=5, baseline_size=50, embed_actors=1)  # both descriptors in Ray actors
+                       output=str(tmp_path / "results"), run_id="rerank", rerank=["sscd", "dino-split"],
+                       sscd=DescriptorWeights(checkpoint=str(path), image_size=64),
+                       dino=DescriptorWeights(model=ARCH, checkpoint=str(dino_ckpt), model_config=str(dino_config)),
+                       rerank_chunks=4, rerank_top=5, verify_top=0, top_k=5, baseline_size=50, nl2_neighbours=0,
+                       embed_actors=1)  # the query embedder and both descriptors in a Ray actor
     run_search_url = run_search(cfg).run_url
     matches = table(Path(run_search_url), "matches.parquet").to_pylist()
     assert all(m["score_rerank"] is not None and m["similarity"] == m["score_rerank"] for m in matches)
+    # every descriptor its own column; the first one is the similarity
+    assert all(m["score_sscd"] == m["score_rerank"] and m["score_dino_split"] is not None for m in matches)
+    assert all(m["score_dino"] is None and m["score_default"] is None and m["nl2"] is None for m in matches)
     assert all(m["inliers"] is None for m in matches)  # verification was off
     # No score model was fitted for this descriptor: the fixed weights, said so in run.json.
     info = json.loads((Path(run_search_url) / "run.json").read_text())
     assert info["score_model"]["fitted"] is False
+    assert [d["name"] for d in info["rerank"]["descriptors"]] == ["sscd", "dino-split"]
+    assert info["rerank"]["descriptors"][1]["identity"]["chunks"] == 4
+    assert info["rerank"]["descriptors"][0]["column"] == "score_sscd" and info["score_version"] == 2
 
     model = build_embedder(rerank)
     query = next(q for q in load_queries(str(demo["work"] / "generated")).queries if q.key == "copy-crop-0")
     qv = model.embed_images([query.image])
+    dino = build_embedder(cfg.dino.embedder("dino"))
     for m in [m for m in matches if m["query_key"] == "copy-crop-0"]:
-        cv = model.embed_images([load_candidate(m["tar_url"], m["tar_offset"], m["tar_size"])])
+        candidate = load_candidate(m["tar_url"], m["tar_offset"], m["tar_size"])
+        cv = model.embed_images([candidate])
         assert m["score_rerank"] == pytest.approx(float((cv @ qv.T)[0, 0]), abs=1e-4)
+        split = split_product(dino.token_images([query.image]), dino.token_images([candidate]), chunks=4)
+        assert m["score_dino_split"] == pytest.approx(float(split[0, 0]), abs=1e-5)
     ranks = [m["score"] for m in matches if m["query_key"] == "copy-crop-0"]
     assert ranks == sorted(ranks, reverse=True)
+
+    # the demo's run beside this one: the index's descriptor is shared, their similarities are not
+    from pipeline.compare import compare_runs, load_runs
+
+    c = compare_runs(load_runs([str(demo["run"]), run_search_url]))
+    assert c.descriptors == ["exact"] and [r["label"] for r in c.rows] == ["demo: default descriptor", "rerank"]
+    assert all(r["top1_exact_max"] is not None and r["share_paper"] is None for r in c.rows)
+    assert any(n.startswith("sscd: only in run(s) rerank") for n in c.notes)
+    assert any(n.startswith("share >= 0.5: the runs' similarities come from different descriptors") for n in c.notes)
+
+
+def test_demo_planted_captions_and_prompts_reach_the_report(demo):
+    """Shared captions counted exact and normalised, prompts equal to captions, nL2 per match,
+    and the summary's sections filled with them."""
+    from pipeline.captions import normalize
+
+    run = demo["run"]
+    matches = table(run, "matches.parquet").to_pylist()
+    truth = {t["query_key"]: t for t in demo["truth"]}
+    top1 = {m["query_key"]: m for m in matches if m["rank"] == 1}
+    # every match has both counts; spellings of one planted caption: exact counts below normalised
+    assert all(m["caption_count"] is not None and m["caption_count"] <= m["caption_count_normalized"] for m in matches)
+    assert any(m["caption_count"] < m["caption_count_normalized"] for m in matches)
+    hits = [t for t in demo["truth"] if t.get("caption_shared") and top1[t["query_key"]]["match_key"] == t["source_key"]]
+    assert hits and all(top1[t["query_key"]]["caption_count_normalized"] >= 2 for t in hits)
+    # a prompt that is its source's caption matches that caption once found
+    for key, t in truth.items():
+        m = top1.get(key)
+        if t.get("prompt_is_caption") and m and m["match_key"] == t["source_key"]:
+            assert m["prompt_caption_exact"] and m["prompt_caption_overlap"] == 1.0
+            assert normalize(m["prompt"]) == normalize(m["caption"])
+    assert all(m["prompt_caption_clip"] is None for m in matches)  # the default descriptor has no text tower
+    # nL2: a found JPEG or resize copy is far closer in pixels than the generation's other candidates
+    close = [top1[k]["nl2"] for k, t in truth.items() if t["edit"] in ("jpeg", "resize")
+             and top1[k]["match_key"] == t["source_key"]]
+    assert close and max(close) < 0.5 and all(m["nl2_references"] >= 10 for m in matches)
+    summary = json.loads((run / "summary.json").read_text())
+    mem = summary["memorisation"]
+    groups = {e["group"]: e for e in mem["by_caption_duplication"]}
+    assert groups["1"]["n"] > 0 and (groups.get("2-9") or groups.get("10-99"))["n"] > 0
+    assert {e["group"] for e in mem["by_prompt_caption"]} >= {"prompt = caption", "different"}
+    assert mem["most_copied"] and summary["nl2"]["min"] < 0.5 and summary["nl2"]["neighbours"] == 50
+    info = json.loads((run / "run.json").read_text())
+    assert info["captions"]["shards"] == info["captions"]["corpus_shards"] and info["label"] == "demo: default descriptor"
 
 
 def test_a_killed_search_resumes_with_the_batches_it_had_not_finished(demo, tmp_path, monkeypatch):
@@ -268,7 +333,7 @@ def test_a_killed_search_resumes_with_the_batches_it_had_not_finished(demo, tmp_
     for name in sorted(p.name for p in (demo["work"] / "generated").iterdir())[:20]:  # 10 images and their prompts
         shutil.copy(demo["work"] / "generated" / name, generated / name)
     common = dict(queries=str(generated), index=str(demo["work"] / "index"), output=str(tmp_path / "results"),
-                  verify_top=2, top_k=3, baseline_size=8)
+                  verify_top=2, top_k=3, baseline_size=8, nl2_neighbours=5)
     whole = Path(run_search(SearchConfig(run_id="whole", **common)).run_url)
 
     real, calls = search.search_batch, []

@@ -12,7 +12,7 @@ FORMAT_NAMES = [
     "_replica.json", ".stats.json", "run_id=", "run.json", "queries.parquet", "matches.parquet",
     "baseline.parquet", "summary.json", "histogram.png", "report.html", "registry.json", "trained.index",
     "trained.json", "_ledger.json", "manifest.json", ".ivfdata", ".f16", "_lock.json", "_stats.json", "ingest.json",
-    "pipeline.json", "query_inputs.parquet", "_pipeline_lock.json", "_replica",
+    "pipeline.json", "query_inputs.parquet", "_pipeline_lock.json", "_replica", "_captions.json",
 ]
 
 

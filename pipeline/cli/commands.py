@@ -189,6 +189,39 @@ command(app, "report", REPORT.params(), _report,
         renamed=RENAMED_COMMON)
 
 
+def _compare(runs: tuple[str, ...], labels: tuple[str, ...], markdown: bool, parquet: str | None,
+             histogram: str | None, **kwargs: Any) -> None:
+    from pipeline.compare import compare_runs, load_runs, print_table, render_histogram, to_markdown, to_parquet
+    from pipeline.storage import Storage, write_bytes
+
+    storage = Storage(**overrides_from(kwargs, flags_of(Storage, _prefix=("s3",))).get("s3", {}))
+    comparison = compare_runs(load_runs(list(runs), storage), list(labels) or None)
+    if markdown:
+        click.echo(to_markdown(comparison), nl=False)
+    else:
+        print_table(comparison)
+    if parquet:
+        write_bytes(parquet, to_parquet(comparison), storage)
+        click.echo(f"wrote {parquet}", err=True)
+    if histogram:
+        write_bytes(histogram, render_histogram(comparison), storage)
+        click.echo(f"wrote {histogram}", err=True)
+
+
+command(app, "compare", [
+    click.Argument(["runs"], nargs=-1, required=True),
+    click.Option(["--label", "labels"], multiple=True,
+                 help="Label of each run, in the order given (default: the run's own `search --label`, else its id)."),
+    click.Option(["--markdown", "markdown"], is_flag=True, default=False, help="Print the table as Markdown."),
+    click.Option(["--parquet", "parquet"], default=None, metavar="OUT", help="Also write the table as Parquet."),
+    click.Option(["--histogram", "histogram"], default=None, metavar="OUT.png",
+                 help="Also draw the runs' top-1 similarity distributions, overlaid, as one PNG."),
+    *_storage_params()], _compare,
+    "Compare search runs (RUN: a run folder, as `replica runs` lists them), one row per run: top-1 similarity mean, 95th "
+    "percentile and max per descriptor, shares >= 0.5 and >= the calibrated threshold with 95% intervals, nL2 tails, "
+    "copies found only outside the subset. A column is filled only when every run shares that descriptor.")
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -459,6 +492,27 @@ command(app, "import-embeddings", IMPORT.params(quiet_option()), _import,
         renamed=RENAMED_COMMON)
 
 
+# --------------------------------------------------------------------------- captions
+
+CAPTIONS = SectionCommand("captions")
+
+
+def _captions(config: str | None, quiet: bool, **kwargs: Any) -> None:
+    from pipeline.captions import run_captions
+
+    cfg = CAPTIONS.config(kwargs, config)
+    info = run_captions(cfg, progress_for(quiet))
+    click.echo(f"counted {info.rows_with_caption:,} captions of {info.rows:,} rows in {info.shards} shard(s): "
+               f"{info.distinct_captions:,} distinct, {info.distinct_normalized:,} after normalisation, in "
+               f"{info.seconds:.1f}s ({info.timings.get('rows_per_s', 0):,.0f} rows/s); counts: {cfg.output}")
+
+
+command(app, "captions", CAPTIONS.params(quiet_option()), _captions,
+        "Count how many training images carry each caption, exactly and after normalisation (NFKC, casefold, "
+        "URLs stripped, whitespace collapsed): Ray tasks over the embedding Parquet, written once as Parquet that "
+        "search joins to its matches by hash. Resumable: a rerun counts only new shards.")
+
+
 # --------------------------------------------------------------------------- config
 
 #: Which commands read which section (their flags are listed under it in docs/CONFIG.md).
@@ -469,6 +523,7 @@ SECTION_COMMANDS = {
               ("replica index merge", INDEX_MERGE), ("replica index tune", INDEX_TUNE),
               ("replica index build", INDEX_BUILD)],
     "import": [("replica import-embeddings", IMPORT)],
+    "captions": [("replica captions", CAPTIONS)],
     "search": [("replica search", SEARCH)],
     "report": [("replica report", REPORT)],
     "pipeline": [("replica pipeline", PIPELINE)],
@@ -481,8 +536,8 @@ def reference_markdown() -> str:
 
     out = [
         "# Configuration reference", "",
-        "A config file (YAML or TOML) has one section per command: `ingest`, `embed`, `index`, `import`, `search`,",
-        "`report`, `pipeline`. Every command takes `--config FILE` and reads its own section; `replica pipeline`",
+        "A config file (YAML or TOML) has one section per command: `ingest`, `embed`, `index`, `import`,",
+        "`captions`, `search`, `report`, `pipeline`. Every command takes `--config FILE` and reads its own section; `replica pipeline`",
         "runs the sections the file has, in the order ingest, embed, import, index, search (index and search",
         "required), with its own settings in `pipeline`. Flags win over the file.", "",
         "Flags follow one rule: field `f` of a section is `--f`; field `f` of a nested section `s` is `--s-f`,",
@@ -519,5 +574,6 @@ command(app, "config", [
     click.Argument(["section"], required=False),
     click.Option(["--markdown", "markdown"], is_flag=True, default=False,
                  help="The whole reference as Markdown (docs/CONFIG.md).")], _config,
-    "Print a commented config template (SECTION: ingest, embed, index, import, search, report, pipeline; default: "
+    "Print a commented config template (SECTION: ingest, embed, index, import, captions, search, report, pipeline; "
+    "default: "
     "the sections of a `replica pipeline` run from URL lists).")

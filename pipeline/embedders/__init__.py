@@ -15,7 +15,7 @@ from pipeline.embedders.base import Embedder, square_crop_uint8
 from pipeline.errors import ConfigError
 from pipeline.storage import Storage, exists
 
-KNOWN = ("default", "open_clip", "sscd")
+KNOWN = ("default", "open_clip", "sscd", "dino")
 
 
 def validate(cfg: EmbedderConfig, storage: Storage | None = None) -> None:
@@ -49,6 +49,11 @@ def validate(cfg: EmbedderConfig, storage: Storage | None = None) -> None:
             raise ConfigError("embedder open_clip needs embedder.pretrained (a tag) or embedder.checkpoint (a file)")
     if cfg.name == "sscd" and not cfg.checkpoint:
         raise ConfigError("embedder sscd needs embedder.checkpoint (a TorchScript file, e.g. sscd_disc_mixup.torchscript.pt)")
+    if cfg.name == "dino":
+        from pipeline.embedders.dino import check_architecture, model_kwargs
+
+        check_architecture(cfg)
+        model_kwargs(cfg, storage)
 
 
 def build_embedder(cfg: EmbedderConfig, storage: Storage | None = None) -> Embedder:
@@ -61,6 +66,10 @@ def build_embedder(cfg: EmbedderConfig, storage: Storage | None = None) -> Embed
         from pipeline.embedders.clip import OpenClipEmbedder
 
         return OpenClipEmbedder(cfg, storage)
+    if cfg.name == "dino":
+        from pipeline.embedders.dino import DinoEmbedder
+
+        return DinoEmbedder(cfg, storage)
     from pipeline.embedders.sscd import SscdEmbedder
 
     return SscdEmbedder(cfg, storage)
@@ -78,6 +87,10 @@ def build_preprocessor(cfg: EmbedderConfig, storage: Storage | None = None) -> C
         if cfg.model_config:
             register_config(cfg.model_config, storage)
         size = cfg.image_size or model_image_size(cfg.model)
+    elif cfg.name == "dino":
+        from pipeline.embedders.dino import input_size
+
+        size = input_size(cfg, storage)
     else:
         from pipeline.embedders.sscd import DEFAULT_SIZE
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 
 class Embedder(ABC):
-    #: registry name ("default", "open_clip", "sscd")
+    #: registry name ("default", "open_clip", "sscd", "dino")
     name: str
     #: output dimension
     dim: int

@@ -64,3 +64,21 @@ class OpenClipEmbedder(TorchImageEmbedder, Embedder):
 
     def _network(self, x):
         return self.model.encode_image(x)
+
+    def embed_texts(self, texts: list[str], batch_size: int = 256):
+        """(n, dim) float32 L2-normalised embeddings of texts by the model's own text tower (prompt vs caption)."""
+        import numpy as np
+        import open_clip
+        import torch
+
+        from pipeline.embedders.base import l2_normalize
+
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        tokenizer = open_clip.get_tokenizer(self.arch)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                tokens = tokenizer(list(texts[i:i + batch_size])).to(self.device)
+                out.append(self.model.encode_text(tokens).float().cpu().numpy())
+        return l2_normalize(np.concatenate(out))

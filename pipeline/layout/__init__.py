@@ -11,6 +11,8 @@
   pipeline run's record and query inputs);
 * :mod:`pipeline.layout.ingest` -- a tar folder written by ingest (img2dataset's tars, per-URL
   tables and stats, replica's ledger of URL lists);
+* :mod:`pipeline.layout.captions` -- a caption-counts folder (counts per hash bucket, the partial
+  counts of groups of embedding shards, the record written last);
 * :mod:`pipeline.layout.lock` -- the lock of an output folder.
 
 docs/ARCHITECTURE.md lists every file these modules define.

@@ -63,6 +63,15 @@ RUN_RUNNING = "running"
 RUN_SUCCEEDED = "succeeded"
 RUN_FAILED = "failed"
 
+#: How a run's final ``score`` is made; recorded in run.json so runs scored differently are never
+#: compared as if they were alike. 1: release 0.2, ``score`` was the descriptor similarity; 2: the
+#: final score of pipeline/scoring.py (run.json has ``score_model``).
+SCORE_VERSION = 2
+
+#: second-stage descriptors (pipeline/second_stage.py) and the match column each writes
+RERANK_COLUMNS = {"sscd": "score_sscd", "dino": "score_dino", "dino-split": "score_dino_split",
+                  "open_clip": "score_open_clip", "default": "score_default"}
+
 #: A box ``[x0, y0, x1, y1]`` in pixels of the image it refers to (x1/y1 exclusive).
 BOX = pa.list_(pa.int32(), 4)
 
@@ -93,6 +102,13 @@ def matches_schema() -> pa.Schema:
             pa.field("score_rerank", pa.float32()),
             pa.field("similarity", pa.float32()),
             pa.field("score", pa.float32(), nullable=False),
+            # Each second-stage descriptor's similarity (null when it did not run or did not
+            # score this candidate); score_rerank is the first one listed.
+            *(pa.field(column, pa.float32()) for column in RERANK_COLUMNS.values()),
+            # Carlini et al.'s normalised L2 on pixels (small = copy) and how many of the query's
+            # best candidates stood for its nearest training images.
+            pa.field("nl2", pa.float32()),
+            pa.field("nl2_references", pa.int32()),
             # Which query region matched, and where it lies in the query.
             pa.field("region", pa.int32()),
             pa.field("region_box", BOX),
@@ -106,6 +122,14 @@ def matches_schema() -> pa.Schema:
             # Near-duplicate group of the matched image and how many training copies it has.
             pa.field("dup_group", pa.string()),
             pa.field("dup_group_size", pa.int32()),
+            # Training rows carrying the match's caption, as is and normalised (`replica captions`;
+            # null when the run had no caption counts or the match no caption).
+            pa.field("caption_count", pa.int64()),
+            pa.field("caption_count_normalized", pa.int64()),
+            # The generation's prompt against the match's caption (pipeline/prompts.py).
+            pa.field("prompt_caption_exact", pa.bool_()),
+            pa.field("prompt_caption_overlap", pa.float32()),
+            pa.field("prompt_caption_clip", pa.float32()),
             pa.field("embedder", pa.string()),
             pa.field("preprocess", pa.string()),
         ]
@@ -178,6 +202,10 @@ FILLED_FROM_0_2 = {
               "best_similarity_outside_subset": "best_score_outside_subset"},
     BASELINE: {"top1_similarity": "top1_score", "top1_similarity_no_dups": "top1_score_no_dups"},
 }
+#: Match columns added after release 0.3 (second-stage descriptors, nL2, captions, prompts): null before.
+FILLED_FROM_0_3 = {MATCHES: dict.fromkeys([*RERANK_COLUMNS.values(), "nl2", "nl2_references", "caption_count",
+                                           "caption_count_normalized", "prompt_caption_exact",
+                                           "prompt_caption_overlap", "prompt_caption_clip"])}
 
 
 TABLE_SCHEMAS = {QUERIES: queries_schema, MATCHES: matches_schema, BASELINE: baseline_schema,
@@ -192,11 +220,20 @@ class RunRecord:
     created_at: str | None = None
     seconds: float | None = None
     queries: int | None = None
+    #: what the run measures (model, prompt set, mitigation setting), from `replica search --label`
+    label: str | None = None
+    #: how `score` is made (SCORE_VERSION when written; None = before it was recorded, version 1)
+    score_version: int | None = None
     #: identity of the descriptor that made `score_exact`
     embedder: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: the second stage: its first descriptor ("embedder"), "top", and every descriptor's name, column, identity
     rerank: dict[str, Any] | None = None
     verify: dict[str, Any] | None = None
+    #: nL2 settings (neighbours, alpha, pixels), None when not computed
+    nl2: dict[str, Any] | None = None
+    #: the caption counts joined to the matches (url, normalization, sizes), None when not joined
+    captions: dict[str, Any] | None = None
     #: {"replication": 0.5, "duplicate": 0.95, "calibrated": ...}
     thresholds: dict[str, float | None] = field(default_factory=dict)
     #: the final-score model: sha256, what it was fitted for, its features, whether fitted
@@ -218,6 +255,12 @@ class RunRecord:
         if not isinstance(d, dict):
             raise MismatchError("run.json must hold a JSON object")
         return cls(**known_fields(cls, {**d, "run_id": str(d.get("run_id") or "")}))
+
+
+def score_version_of(record: RunRecord) -> int:
+    """The score version of a run; runs written before it was recorded: 2 when they name a score
+    model (release 0.3), else 1."""
+    return int(record.score_version or (2 if record.score_model is not None else 1))
 
 
 @dataclass
@@ -320,6 +363,10 @@ class RunSummary:
     subset: dict[str, Any] | None
     warnings: list[str]
     outputs: dict[str, str] = field(default_factory=dict)
+    #: nL2 tails (pipeline/report/memorisation.py), None when the run computed no nL2
+    nl2: dict[str, Any] | None = None
+    #: replication by caption duplication and by prompt-caption match; the most copied images
+    memorisation: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -472,7 +519,7 @@ class RunFolder(Folder):
         # A file object, not a path: pyarrow would otherwise add run_id from the hive directory name.
         with self.open(name) as f:
             table = pq.read_table(f)
-        for column, source in FILLED_FROM_0_2.get(name, {}).items():
+        for column, source in {**FILLED_FROM_0_2.get(name, {}), **FILLED_FROM_0_3.get(name, {})}.items():
             if column not in table.column_names and (source is None or source in table.column_names):
                 values = table.column(source) if source else pa.nulls(table.num_rows, schema.field(column).type)
                 table = table.append_column(column, values)

@@ -112,7 +112,9 @@ def render_gallery(data: RunData, summary: RunSummary, histogram_png: bytes | No
     for ms in by_query.values():
         ms.sort(key=lambda m: m["rank"])
 
-    ranges = sorted({(m["tar_url"], m["tar_offset"], m["tar_size"]) for ms in by_query.values() for m in ms},
+    copied = (summary.memorisation or {}).get("most_copied", [])
+    ranges = sorted({(m["tar_url"], m["tar_offset"], m["tar_size"]) for ms in by_query.values() for m in ms}
+                    | {(c["tar_url"], c["tar_offset"], c["tar_size"]) for c in copied},
                     key=lambda r: tuple("" if v is None else str(v) for v in r))
     with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
         fetched = dict(zip(ranges, pool.map(lambda r: fetch_thumbnail(*r, storage), ranges)))
@@ -167,6 +169,10 @@ def render_gallery(data: RunData, summary: RunSummary, histogram_png: bytes | No
     if summary.baseline:
         score_rows += [("training set self-similarity", summary.baseline["top1"]),
                        ("training set, near-duplicates excluded", summary.baseline["top1_no_dups"])]
+    most_copied = [{**c, "href": safe_href(c["url"]), "url_text": (c["url"] or "")[:90],
+                    "pic": {**{"uri": None, "width": 0, "height": 0, "error": None},
+                            **fetched.get((c["tar_url"], c["tar_offset"], c["tar_size"]), {}), "boxes": []}}
+                   for c in copied]
     failures = summary.coverage.get("failures_by_reason") or {}
     emb = summary.embedder
     return _environment().get_template("gallery.html.j2").render(
@@ -179,6 +185,7 @@ def render_gallery(data: RunData, summary: RunSummary, histogram_png: bytes | No
         cut=f" (the {len(rows)} best-scoring of {total})" if len(rows) < total else "",
         top=int(top),
         queries=queries,
+        most_copied=most_copied,
         css=_static("report.css"),
         js=_static("report.js"),
     )

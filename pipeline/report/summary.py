@@ -162,6 +162,15 @@ def summarize(data: RunData) -> RunSummary:
     if index.get("estimated_recall") is None:
         warnings.append(f"{RUN_JSON} gives no estimated index recall: the search's miss rate is unknown")
 
+    from pipeline.report.memorisation import memorisation, nl2_tails
+
+    nl2 = nl2_tails(data)
+    captions = run.get("captions") or {}
+    if captions.get("corpus_shards") and (captions.get("shards") or 0) < captions["corpus_shards"]:
+        warnings.append(f"the caption counts cover {captions.get('shards')} of the corpus's {captions['corpus_shards']} "
+                        "embedding shards: run `replica captions` again to count the new ones")
+    if run.get("nl2") and nl2 is None:
+        warnings.append("nL2 was asked for but no match has one (no match pixels could be fetched)")
     return RunSummary(
         run_id=data.run_id,
         run_url=data.url,
@@ -181,6 +190,8 @@ def summarize(data: RunData) -> RunSummary:
         blocklist=run.get("blocklist"),
         subset=run.get("subset"),
         warnings=warnings,
+        nl2={**nl2, **(run.get("nl2") or {})} if nl2 else None,
+        memorisation=memorisation(data, thresholds["replication"]),
     )
 
 
@@ -197,6 +208,15 @@ def summary_lines(summary: RunSummary) -> list[str]:
             f"  {name:<12} >= {entry['threshold']:.3f}: {100 * r['rate']:.2f}% [{100 * lo:.2f}, {100 * hi:.2f}]"
             f" ({r['count']}/{r['n']}), copy only outside subset {100 * entry['outside_subset_only']['rate']:.2f}%"
         )
+    if summary.nl2:
+        n = summary.nl2
+        lines.append(f"  nL2 (smallest per generation, small = copy): p5 {n['p5']:.3f}, min {n['min']:.3f}, "
+                     f"p95 {n['p95']:.3f}, max {n['max']:.3f} (n={n['n']})")
+    for entry in (summary.memorisation or {}).get("by_caption_duplication", []):
+        if entry["group"] != "not counted":
+            lo, hi = entry["ci95"]
+            lines.append(f"  caption on {entry['group']:>6} training image(s): {100 * entry['rate']:.2f}% replicated "
+                         f"[{100 * lo:.2f}, {100 * hi:.2f}] ({entry['count']}/{entry['n']})")
     lines.extend(f"  warning: {w}" for w in summary.warnings)
     lines.extend(f"  wrote {url}" for url in summary.outputs.values())
     return lines
