@@ -221,6 +221,9 @@ class IndexConfig:
     nlist: int = 0
     #: upper bound on automatically chosen IVF lists
     max_nlist: int = 131072
+    #: from this many lists on, the coarse k-means runs in two levels (sqrt(nlist) clusters, then
+    #: each split): minutes instead of days at 2^20 lists; 0 = always one level
+    two_level_from_nlist: int = 65536
     #: training sample size; 0 = from nlist (64 per list, >= 65536, <= train_cap)
     train_size: int = 0
     #: upper bound on the automatic training sample

@@ -167,3 +167,27 @@ def test_sampled_positions_read_only_their_row_groups_and_equal_a_full_read(tmp_
     want = [p for p in sorted(positions) if p in set(all_rows.tolist())]
     assert rows.tolist() == want
     np.testing.assert_array_equal(x, all_x[np.searchsorted(all_rows, want)])
+
+
+def test_two_level_coarse_training_recalls_like_one_level(tmp_path):
+    """The coarse k-means in two levels (what 2^20 lists need) gives an index as good as one level,
+    with the OPQ pre-transform trained first and the codes trained after."""
+    corpus = make_corpus(str(tmp_path / "emb"), shards=8, rows=500)
+    built = {}
+    for name, threshold in (("one", 0), ("two", 16)):
+        cfg = config(corpus.folder, str(tmp_path / name), factory="OPQ8_32,IVF64,PQ16x4fsr", tune=False,
+                     two_level_from_nlist=threshold)
+        run_build(cfg, use_ray=False)
+        built[name] = cfg
+    assert "two-level k-means (8 x ~8)" in index_of(built["two"]).read_trained_info().device
+    assert "two-level" not in index_of(built["one"]).read_trained_info().device
+    numbers = {n: i for i, n in enumerate(registry_of(built["one"]).names)}
+    x, ids = corpus.ok_matrix(numbers)
+    queries = corpus.source.batch(10_000, 300)
+    truth = brute_force(queries, x, ids, 10)
+    recall = {}
+    for name, cfg in built.items():
+        with IndexSearcher(index_of(cfg), use_ray=False, threads=1) as s:
+            _, found = s.search(queries, 10, nprobe=8)
+        recall[name] = recall_at(found, truth, 10)
+    assert recall["two"] >= recall["one"] - 0.05 and recall["two"] > 0.3, recall

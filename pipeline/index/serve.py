@@ -238,7 +238,9 @@ class IndexSearcher:
             from pipeline.ray_util import cluster_cpus, connect
 
             ray = connect(ray_address)
-            n = num_actors or max(1, min(len(shards), int(cluster_cpus() // max(cpus_per_actor, 1e-3))))
+            # one CPU's worth is left to the search's tasks (verification, nL2): actors holding every
+            # CPU would leave those tasks pending forever on a cluster that cannot grow
+            n = num_actors or max(1, min(len(shards), int(cluster_cpus() // max(cpus_per_actor, 1e-3)) - 1))
             n = min(n, len(shards))
             actor_cls = ray.remote(ShardSet).options(num_cpus=cpus_per_actor, max_restarts=-1, max_task_retries=2)
             per = int(threads or max(1, cpus_per_actor))

@@ -103,9 +103,11 @@ def sample_vectors(folder: EmbeddingsFolder, shards: list[str], n_sample: int, *
     return x, n_est
 
 
-def train_index(x: np.ndarray, factory: str, metric: str = "ip", gpu: bool = False) -> tuple[Any, str]:
+def train_index(x: np.ndarray, factory: str, metric: str = "ip", gpu: bool = False,
+                two_level_from: int = 0) -> tuple[Any, str]:
     """Train an empty index of ``factory`` on ``x``; k-means on this node's GPUs when ``gpu`` and
-    faiss has GPU support here (else on its CPUs, said in the returned device)."""
+    faiss has GPU support here (else on its CPUs, said in the returned device), in two levels
+    from ``two_level_from`` lists on (0: never)."""
     import faiss
 
     index = faiss.index_factory(x.shape[1], factory, fac.metric_of(metric))
@@ -117,13 +119,47 @@ def train_index(x: np.ndarray, factory: str, metric: str = "ip", gpu: bool = Fal
     use_gpu = gpu and gpu_faiss_available()
     used = "cpu" if not gpu else "cpu (a GPU was asked for, but faiss on this node has no GPU support)"
     if use_gpu:
-        ivf = faiss.extract_index_ivf(index)
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
         used = f"cuda x{faiss.get_num_gpus()}"
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and two_level_from and ivf.nlist >= two_level_from:
+        train_two_level(index, x, spherical=metric == "ip", gpu=use_gpu)
+        return index, used + f", two-level k-means ({int(np.sqrt(ivf.nlist))} x ~{ivf.nlist // int(np.sqrt(ivf.nlist))})"
+    if use_gpu:
+        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(ivf.d, ivf.metric_type))
     index.train(x)
     if use_gpu:
-        faiss.extract_index_ivf(index).clustering_index = None
+        ivf.clustering_index = None
     return index, used
+
+
+def train_two_level(index, x: np.ndarray, spherical: bool, gpu: bool) -> None:
+    """Train ``index`` with its coarse k-means split in two levels: sqrt(nlist) clusters first,
+    then each cluster's points into a share of the nlist centroids proportional to its size.
+
+    One-level k-means costs n_sample x nlist distance computations per iteration: at 2^20 lists
+    and 30 points a list, ~10^18 flop, a day on a GPU. Two levels cost n_sample x 2 sqrt(nlist),
+    minutes (faiss.contrib.clustering.two_level_clustering; its IVF wrapper handles only L2).
+    The pre-transform (OPQ) is trained first and the centroids live in its output space; the
+    residual codes are then trained by the index itself (the quantizer, full, is not retrained).
+    """
+    import faiss
+    from faiss.contrib.clustering import two_level_clustering
+
+    top = faiss.downcast_index(index)
+    inner = top
+    if isinstance(top, faiss.IndexPreTransform):
+        for i in range(top.chain.size()):
+            vt = top.chain.at(i)
+            vt.train(x)
+            x = vt.apply(x)
+        inner = faiss.downcast_index(top.index)
+    ivf = faiss.extract_index_ivf(inner)
+    centroids, _ = two_level_clustering(np.ascontiguousarray(x, np.float32), int(np.sqrt(ivf.nlist)), ivf.nlist,
+                                        spherical=spherical, gpu=gpu, seed=1234)
+    ivf.quantizer.train(centroids)
+    ivf.quantizer.add(centroids)
+    inner.train(x)  # the codes (PQ on residuals); the quantizer already holds nlist centroids
+    top.is_trained = True
 
 
 def _train_job(p: IndexPlan, shards: list[str], info: TrainedInfo, n_sample: int, gpu: bool,
@@ -137,7 +173,7 @@ def _train_job(p: IndexPlan, shards: list[str], info: TrainedInfo, n_sample: int
     x, _ = sample_vectors(p.embeddings, shards, n_sample, max_shards=cfg.train_max_shards, seed=cfg.seed,
                           progress=progress)
     t1 = time.time()
-    index, device = train_index(x, info.factory, cfg.metric, gpu)
+    index, device = train_index(x, info.factory, cfg.metric, gpu, cfg.two_level_from_nlist)
     if gpu:
         import ray
 
