@@ -349,8 +349,10 @@ def test_ray_job_submit_whole_chain_on_s3_equals_local_then_a_rerun_does_only_ne
         after = object_versions(s3_root, storage)
         rewritten = {p.rsplit("/", 1)[-1] for p, v in before.items() if after.get(p) != v}
         # only the ledgers that list what exists were rewritten: the URL lists ingested, the index's shard
-        # registry, its parts and its manifest; no tar, vector, index shard or earlier result
-        assert rewritten == {"ingest.json", "registry.json", "_ledger.json", "manifest.json"}, rewritten
+        # registry, its parts and its manifest, and its tuning (40 -> 55 vectors is more than 10% more);
+        # no tar, vector, index shard or earlier result
+        assert rewritten == {"ingest.json", "registry.json", "_ledger.json", "manifest.json", "tuning.json"}, \
+            rewritten
 
     # both runs side by side, as `replica runs` lists them and as a hive-partitioned dataset reads them
     from click.testing import CliRunner
