@@ -22,22 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.testing.faults import ZeroStream  # noqa: E402
+
 BIG_MEMBER = 2 << 30
 SIDE = 12_000
-
-
-class Zeros(io.RawIOBase):
-    def __init__(self, size: int):
-        self.left = size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = min(len(b), self.left)
-        b[:n] = bytes(n)
-        self.left -= n
-        return n
 
 
 def big_jpeg(seed: int) -> bytes:
@@ -61,7 +49,7 @@ def build(path: Path) -> None:
     with tarfile.open(path, "w") as tf:
         info = tarfile.TarInfo("huge-000.jpg")
         info.size = BIG_MEMBER
-        tf.addfile(info, Zeros(BIG_MEMBER))
+        tf.addfile(info, ZeroStream(BIG_MEMBER))
         for i in range(10):
             data = big_jpeg(i)
             info = tarfile.TarInfo(f"big-{i:03d}.jpg")

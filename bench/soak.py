@@ -32,7 +32,7 @@ from pipeline.index.train import run_train  # noqa: E402
 from pipeline.layout.embeddings import EmbeddingsFolder  # noqa: E402
 from pipeline.layout.index import IndexFolder  # noqa: E402
 from pipeline.search import run_search  # noqa: E402
-from pipeline.testing.faults import Killer  # noqa: E402
+from pipeline.testing.faults import Killer, index_entries  # noqa: E402
 
 
 def keys_and_bytes(folder: Path) -> tuple[list[str], dict[str, bytes]]:
@@ -42,23 +42,6 @@ def keys_and_bytes(folder: Path) -> tuple[list[str], dict[str, bytes]]:
     keys = [k for f in files for k in pq.read_table(f, columns=["key", "shard"]).to_pylist()]
     return [f"{k['shard']}/{k['key']}" for k in keys], {f.name: f.read_bytes() for f in files}
 
-
-def index_pairs(index: IndexFolder) -> collections.Counter:
-    import faiss
-
-    from pipeline.index.merge import read_shard
-
-    pairs: collections.Counter = collections.Counter()
-    for shard in index.read_manifest().shards:
-        idx = read_shard(index.child(shard.index), in_ram=not shard.ivfdata)
-        inv = faiss.extract_index_ivf(idx).invlists
-        for lst in range(inv.nlist):
-            n = inv.list_size(lst)
-            if n:
-                ids = faiss.rev_swig_ptr(inv.get_ids(lst), n).copy()
-                codes = faiss.rev_swig_ptr(inv.get_codes(lst), n * inv.code_size).copy().reshape(n, -1)
-                pairs.update((lst, int(i), c.tobytes()) for i, c in zip(ids, codes))
-    return pairs
 
 
 def main() -> None:
@@ -91,7 +74,7 @@ def main() -> None:
     shutil.copytree(work / "index", work / "trained")
     run_add(index)
     run_merge(index)
-    base_pairs = index_pairs(IndexFolder(index.index))
+    base_pairs = index_entries(IndexFolder(index.index))
     images = IndexConfig(embeddings=str(work / "emb"), index=str(work / "image-index"), factory="IVF8,PQ16x4")
     run_train(images)
     run_add(images)
@@ -127,7 +110,7 @@ def main() -> None:
             run_add(cfg)
             killer.join()
             run_merge(cfg)
-            pairs = index_pairs(IndexFolder(str(out)))
+            pairs = index_entries(IndexFolder(str(out)))
             lost += sum((base_pairs - pairs).values())
             duplicated += sum((pairs - base_pairs).values())
             same = pairs == base_pairs

@@ -79,9 +79,7 @@ def list_queries(spec: str, storage: Storage | None = None) -> QueryList:
     else:
         found = _list_tars(spec, storage)
     if not found.refs:
-        why = f" ({len(found.unreadable)} unreadable, e.g. {found.unreadable[0][0]}: {found.unreadable[0][1]})" \
-            if found.unreadable else ""
-        raise ConfigError(f"no query images found at {spec!r}{why}")
+        raise no_queries(spec, found.unreadable)
     keys = [r.key for r in found.refs]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"query keys repeat in {spec!r}: each generated image needs its own key")
@@ -125,9 +123,14 @@ def load_queries(spec: str, storage: Storage | None = None) -> QuerySet:
     found = read_queries(listed.refs, storage)
     found.unreadable = listed.unreadable + found.unreadable
     if not found.queries:
-        raise ConfigError(f"no query images found at {spec!r} ({len(found.unreadable)} unreadable, "
-                          f"e.g. {found.unreadable[0][0]}: {found.unreadable[0][1]})")
+        raise no_queries(spec, found.unreadable)
     return found
+
+
+def no_queries(spec: str, unreadable: list[tuple[str, str]]) -> ConfigError:
+    """The error when nothing at ``spec`` could be searched, with the first unreadable file and why."""
+    why = f" ({len(unreadable)} unreadable, e.g. {unreadable[0][0]}: {unreadable[0][1]})" if unreadable else ""
+    return ConfigError(f"no query images found at {spec!r}{why}")
 
 
 def _list_folder(fs, path: str) -> QueryList:

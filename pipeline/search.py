@@ -556,7 +556,7 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     from pipeline.index.rerank import source_for
     from pipeline.index.serve import IndexSearcher
     from pipeline.layout.runs import BASELINE, BASELINE_UNIT, BatchPlan, BatchRecord, batch_unit
-    from pipeline.queries import list_queries, load_key_set
+    from pipeline.queries import list_queries, load_key_set, no_queries
     from pipeline.report import calibrate_threshold, run_report
     from pipeline.results import run_record
 
@@ -612,8 +612,7 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     unreadable = listed.unreadable + [tuple(u) for r in records for u in r.unreadable]
     n_queries = sum(r.queries for r in records)
     if not n_queries:
-        raise ConfigError(f"no query images found at {cfg.queries!r} ({len(unreadable)} unreadable, "
-                          f"e.g. {unreadable[0][0]}: {unreadable[0][1]})")
+        raise no_queries(cfg.queries, unreadable)
     counters = {"pixels_fetched": base.pixels_fetched + sum(r.pixels_fetched for r in records),
                 "blocked": sum(r.blocked for r in records), "unreadable_queries": unreadable}
     baseline = plan.run.read_table(BASELINE)

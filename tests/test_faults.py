@@ -25,7 +25,7 @@ from pipeline.index.merge import run_merge
 from pipeline.index.train import run_train
 from pipeline.layout.index import IndexFolder
 from pipeline.search import run_search
-from pipeline.testing.faults import Killer
+from pipeline.testing.faults import Killer, index_entries
 
 RNG = random.Random(20261201)
 REPLICA = [sys.executable, "-m", "pipeline.cli"]
@@ -33,25 +33,6 @@ REPLICA = [sys.executable, "-m", "pipeline.cli"]
 
 def parquet_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
-
-
-def lists_of(index: IndexFolder) -> dict[int, list[tuple[int, bytes]]]:
-    """Every inverted list of every index shard: sorted (id, code) pairs, the index's content."""
-    import faiss
-
-    from pipeline.index.merge import read_shard
-
-    content: dict[int, list] = {}
-    for shard in index.read_manifest().shards:
-        idx = read_shard(index.child(shard.index), in_ram=not shard.ivfdata)
-        inv = faiss.extract_index_ivf(idx).invlists
-        for lst in range(inv.nlist):
-            n = inv.list_size(lst)
-            if n:
-                ids = faiss.rev_swig_ptr(inv.get_ids(lst), n).copy()
-                codes = faiss.rev_swig_ptr(inv.get_codes(lst), n * inv.code_size).copy().reshape(n, -1)
-                content.setdefault(lst, []).extend((int(i), c.tobytes()) for i, c in zip(ids, codes))
-    return {k: sorted(v) for k, v in content.items()}
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +71,7 @@ def baseline(ray_local, tmp_path_factory):
                           verify_top=5, baseline_size=30, regions=False)
     run = Path(run_search(search).run_url)
     return {"root": root, "embed": embed, "index": index, "trained": trained, "search": search, "run": run,
-            "parquet": parquet_bytes(root / "emb"), "lists": lists_of(IndexFolder(index.index))}
+            "parquet": parquet_bytes(root / "emb"), "lists": index_entries(IndexFolder(index.index))}
 
 
 @pytest.mark.parametrize("trial", range(8))
@@ -133,7 +114,7 @@ def test_index_add_survives_a_killed_worker(baseline, trial, tmp_path):
     numbers = sorted(n for part in ledger.parts for n in part.shard_numbers)
     assert numbers == list(range(6))  # every shard in exactly one recorded part
     run_merge(cfg)
-    assert lists_of(IndexFolder(str(index))) == baseline["lists"]  # same ids, same lists, same codes
+    assert index_entries(IndexFolder(str(index))) == baseline["lists"]  # same ids, same lists, same codes
 
 
 @pytest.mark.parametrize("trial", range(4))
@@ -192,4 +173,4 @@ def test_index_add_driver_killed_between_a_part_and_its_ledger_entry(baseline, t
     ledger = run_add(cfg, use_ray=False)
     assert sorted(n for part in ledger.parts for n in part.shard_numbers) == list(range(6))
     run_merge(cfg, use_ray=False)
-    assert lists_of(IndexFolder(str(index))) == baseline["lists"]
+    assert index_entries(IndexFolder(str(index))) == baseline["lists"]

@@ -24,6 +24,7 @@ from pipeline.layout.embeddings import EmbeddingsFolder
 from pipeline.layout.lock import OutputLock
 from pipeline.sample import make_sample_tars
 from pipeline.storage import Folder, Storage
+from pipeline.testing.faults import ZeroStream
 from s3proxy import Fault, S3Proxy
 
 
@@ -278,7 +279,7 @@ def test_an_oversize_member_is_a_row_and_never_read_into_memory(tmp_path):
     with tarfile.open(path, "w") as tf:
         info = tarfile.TarInfo("huge.jpg")
         info.size = 256 << 20
-        tf.addfile(info, _Zeros(info.size))
+        tf.addfile(info, ZeroStream(info.size))
         small = tarfile.TarInfo("after.txt")
         small.size = 5
         tf.addfile(small, io.BytesIO(b"hello"))
@@ -292,17 +293,3 @@ def test_an_oversize_member_is_a_row_and_never_read_into_memory(tmp_path):
     assert peak < 32 << 20, peak  # the stream skipped it block by block
 
 
-class _Zeros(io.RawIOBase):
-    """``size`` zero bytes without holding them."""
-
-    def __init__(self, size: int):
-        self.left = size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = min(len(b), self.left)
-        b[:n] = bytes(n)
-        self.left -= n
-        return n

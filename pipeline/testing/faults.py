@@ -1,4 +1,5 @@
-"""Test and benchmark support: kill -9 of this process's own Ray workers, by what they run.
+"""Test and benchmark support: kill -9 of this process's own Ray workers, by what they run, and
+what a fault trial compares afterwards (an index's content) and feeds in (endless zero bytes).
 
 Not used by any stage. Ray names a worker process after the task or actor it runs
 (``ray::embed_shard``, ``ray::EmbedActor``...); only descendants of the calling process (the Ray
@@ -6,6 +7,8 @@ it started) are ever touched.
 """
 from __future__ import annotations
 
+import collections
+import io
 import os
 import random
 import signal
@@ -67,3 +70,39 @@ class Killer(threading.Thread):
         found = kill_one(self.titles, rng=self.rng)
         if found:
             self.killed.append(found)
+
+
+def index_entries(index) -> collections.Counter:
+    """Every (list, id, code) of every shard of a built index (an ``IndexFolder``), counted: two
+    indexes hold the same vectors in the same lists with the same codes when these are equal."""
+    import faiss
+
+    from pipeline.index.merge import read_shard
+
+    entries: collections.Counter = collections.Counter()
+    for shard in index.read_manifest().shards:
+        idx = read_shard(index.child(shard.index), in_ram=not shard.ivfdata)
+        inv = faiss.extract_index_ivf(idx).invlists
+        for lst in range(inv.nlist):
+            n = inv.list_size(lst)
+            if n:
+                ids = faiss.rev_swig_ptr(inv.get_ids(lst), n).copy()
+                codes = faiss.rev_swig_ptr(inv.get_codes(lst), n * inv.code_size).copy().reshape(n, -1)
+                entries.update((lst, int(i), c.tobytes()) for i, c in zip(ids, codes))
+    return entries
+
+
+class ZeroStream(io.RawIOBase):
+    """``size`` zero bytes, read without ever holding them (a huge tar member)."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
