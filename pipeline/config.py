@@ -53,6 +53,9 @@ class EmbedderConfig:
     image_size: int | None = None
     #: "auto" (CUDA when present), "cpu" or "cuda"
     device: str = choice("auto", "auto", "cpu", "cuda")
+    #: turn each image upright by its EXIF Orientation tag before anything else, as viewers show it
+    #: (corpus and queries alike); corpora embedded before this setting existed record false
+    exif_orientation: bool = True
     #: default embedder, query side: sizes (fractions of the query's width and height) of the
     #: windows embedded besides the whole image, so a copied object inside a new scene is found
     #: (see docs/BENCHMARKS.md); empty = whole image only

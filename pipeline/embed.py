@@ -139,6 +139,8 @@ def row_for(sample: Sample, preprocess: Callable, max_member_bytes: int) -> tupl
     """Metadata row for one sample, and its preprocessed pixels when it decodes."""
     from PIL import Image
 
+    from pipeline.embedders.base import viewed_size
+
     meta = sample.meta()
     url = meta.get("url")
     row = Row(key=sample.key, url=url if isinstance(url, str) else None, caption=sample.caption())
@@ -158,7 +160,7 @@ def row_for(sample: Sample, preprocess: Callable, max_member_bytes: int) -> tupl
     row.sha256 = hashlib.sha256(member.data).hexdigest()
     try:
         image = Image.open(io.BytesIO(member.data))
-        row.width, row.height = image.size
+        row.width, row.height = viewed_size(image)  # the size verification and the report show
         pixels = preprocess(image)
     except Exception as exc:  # noqa: BLE001 - a bad image is data, never a crash (PIL's OSError included)
         row.status, row.error = emb.STATUS_DECODE_ERROR, f"{type(exc).__name__}: {exc}"[:500]

@@ -169,8 +169,13 @@ def shipped_model(identity: dict[str, Any], verifier: str) -> ScoreModel:
 
 
 def fitted_for(identity: dict[str, Any], verifier: str) -> dict[str, Any]:
+    """What a score model must have been fitted for. The upright step is left out: the development
+    benchmark re-encodes every image without EXIF, so a model fitted there holds with and without it."""
+    from pipeline.embedders.base import UPRIGHT_STEP
+
+    preprocess = str(identity.get("preprocess") or "").removeprefix(f"{UPRIGHT_STEP},")
     return {"embedder": identity.get("embedder"), "model": identity.get("model"), "weights": identity.get("weights"),
-            "preprocess": identity.get("preprocess"), "verifier": verifier}
+            "preprocess": preprocess, "verifier": verifier}
 
 
 def rank(cands: list["Candidate"], model: ScoreModel, query_size, region_boxes) -> list["Candidate"]:

@@ -112,6 +112,8 @@ def corpus_embedder_config(manifest: Manifest, index: IndexFolder) -> EmbedderCo
     if info.embedder_config is None:
         raise ConfigError("the index's embeddings do not record their embedder settings: pass --embedder explicitly")
     cfg = build(EmbedderConfig, info.embedder_config)
+    if "exif_orientation" not in info.embedder_config:  # embedded before images were turned upright
+        cfg.exif_orientation = False
     if cfg.name == "default" and not cfg.checkpoint:  # embedded with a whitening shipped before this one
         from pipeline.embedders.default import shipped_whitening_for
 
@@ -632,6 +634,7 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
 def search_batch(plan: SearchPlan, n: int, refs, embedder, rerank, searcher, source, registry, blocklist, subset,
                  model, identity) -> None:
     """One batch of queries, start to finish: read, match, count duplicates, write (record last)."""
+    from pipeline.embedders.base import upright
     from pipeline.layout.runs import BatchRecord, batch_unit
     from pipeline.queries import read_queries
     from pipeline.results import result_rows
@@ -639,6 +642,9 @@ def search_batch(plan: SearchPlan, n: int, refs, embedder, rerank, searcher, sou
     cfg, t = plan.cfg, time.time()
     found = read_queries(refs, cfg.s3)
     queries = found.queries
+    if plan.embedder.exif_orientation:  # as the corpus was embedded: vectors, boxes and pixels agree
+        for q in queries:
+            q.image = upright(q.image)
     counters = {"pixels_fetched": 0, "blocked": 0}
     picks, boxes, groups = [], [], {}
     if queries:

@@ -371,11 +371,11 @@ def verify(query: Image.Image, candidate: Image.Image, verifier: Verifier | None
 
 
 def decode(data: bytes) -> Image.Image:
-    """Image bytes (e.g. one tar member) -> RGB PIL image."""
-    from pipeline.embedders.base import to_rgb
+    """Image bytes (e.g. one tar member) -> RGB PIL image, upright as viewers show it."""
+    from pipeline.embedders.base import to_rgb, upright
 
     with Image.open(io.BytesIO(data)) as im:
-        rgb = to_rgb(im)
+        rgb = to_rgb(upright(im))
         return rgb.copy() if rgb is im else rgb
 
 

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from image_helpers import encode, sideways_jpeg
 from PIL import Image
 
 from pipeline.cli import app
@@ -21,12 +22,6 @@ from pipeline.embed import run_embed
 from pipeline.errors import EXIT_REFUSED
 from pipeline.layout.embeddings import EmbeddingsFolder
 from pipeline.synthetic_images import scene
-
-
-def encode(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def photo(seed: int = 1, size=(96, 80)) -> Image.Image:
@@ -94,6 +89,8 @@ def hostile_samples() -> list[tuple[str, list[tuple[str, bytes]], str, str | Non
         ("bad-json", [("jpg", jpeg), ("json", b"{not json")], "ok", None),
         ("huge-json", [("jpg", jpeg), ("json", b'{"url": "' + b"y" * (2 << 20) + b'"}')], "ok", None),
         ("two-images", [("jpg", jpeg), ("png", png)], "ok", None),
+        ("upright", [("jpg", encode(photo(7, (96, 64)), "JPEG", quality=95))], "ok", None),
+        ("exif-rotated", [("jpg", sideways_jpeg(photo(7, (96, 64))))], "ok", None),
         ("no-image", [("txt", b"caption only")], "no_image", "no image member"),
         ("../escape", [("jpg", jpeg)], "ok", None),
         ("/absolute/path", [("jpg", jpeg)], "ok", None),
@@ -150,6 +147,23 @@ def test_text_and_metadata_edge_cases(hostile):
     stats = hostile["folder"].read_stats("00000")
     assert stats.skipped == {"symlink": 1, "hardlink": 1, "device": 1, "oversize_json": 1}
     assert not Path("/etc/passwd.jpg").exists() and not (hostile["root"] / "escape.jpg").exists()
+
+
+def test_an_exif_rotated_jpeg_is_embedded_upright(hostile):
+    """Stored sideways with an Orientation tag, it is embedded (and sized) as viewers show it, and the
+    identity says so; the same bytes not turned, as corpora embedded before were, give another vector."""
+    from pipeline.config import EmbedderConfig
+    from pipeline.embedders.default import DefaultDescriptor
+
+    by_key = {r["key"]: r for r in hostile["rows"]["00000"]}
+    upright, rotated = (np.asarray(by_key[k]["embedding"]) for k in ("upright", "exif-rotated"))
+    assert (by_key["exif-rotated"]["width"], by_key["exif-rotated"]["height"]) == (96, 64)
+    assert hostile["folder"].read_info().identity["preprocess"].startswith("exif-upright,")
+    assert float(upright @ rotated) > 0.97
+    unturned = DefaultDescriptor(EmbedderConfig(exif_orientation=False))
+    assert "exif-upright" not in unturned.identity()["preprocess"]
+    sideways = unturned.embed_images([Image.open(io.BytesIO(sideways_jpeg(photo(7, (96, 64)))))])[0]
+    assert float(upright @ sideways) < float(upright @ rotated) - 0.2
 
 
 def test_the_same_key_in_two_tars_lands_twice_with_distinct_ids(hostile):

@@ -86,3 +86,4 @@ def test_todays_search_over_the_old_index_reproduces_the_old_similarities(legacy
     assert all(abs(old[k] - new[k]) < 1e-6 for k in both)
     info = json.loads((run / "run.json").read_text())
     assert info["embedder"]["model"] == "gradpyr64-lw-v1"
+    assert info["embedder"]["preprocess"] == "jpeg-draft,squash=64x64,bilinear"  # recorded: images not turned

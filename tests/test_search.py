@@ -363,3 +363,27 @@ def test_a_killed_search_resumes_with_the_batches_it_had_not_finished(demo, tmp_
         a, b = pq.read_table(whole / name).drop(["run_id"]), pq.read_table(resumed / name).drop(["run_id"])
         assert a.equals(b), name
     assert json.loads((resumed / "run.json").read_text())["queries"] == 10
+
+
+def test_an_exif_rotated_query_is_searched_upright(demo, tmp_path):
+    """A query stored sideways with an Orientation tag finds its source as the upright query does,
+    with the same similarity; its pixels without the tag (how it looks unturned) score far lower."""
+    from image_helpers import encode, sideways_jpeg
+    from PIL import Image
+
+    copy = next(t for t in demo["truth"] if t["edit"] == "resize")
+    with Image.open(demo["work"] / "generated" / f"{copy['query_key']}.png") as im:
+        image = im.convert("RGB")
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    (queries / "upright.jpg").write_bytes(encode(image, "JPEG", quality=95))
+    (queries / "turned.jpg").write_bytes(sideways_jpeg(image))
+    image.transpose(Image.Transpose.ROTATE_90).save(queries / "sideways.jpg", quality=95)
+    run = Path(run_search(SearchConfig(queries=str(queries), index=str(demo["work"] / "index"), output=str(tmp_path),
+                                       run_id="exif", verify_top=2, top_k=3, baseline_size=8)).run_url)
+    top1 = {m["query_key"]: m for m in table(run, "matches.parquet").to_pylist() if m["rank"] == 1}
+    assert top1["upright"]["match_key"] == top1["turned"]["match_key"] == copy["source_key"]
+    assert abs(top1["upright"]["similarity"] - top1["turned"]["similarity"]) < 0.02
+    assert top1["sideways"]["match_key"] != copy["source_key"] or \
+        top1["sideways"]["similarity"] < top1["turned"]["similarity"] - 0.1
+

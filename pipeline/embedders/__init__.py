@@ -95,4 +95,4 @@ def build_preprocessor(cfg: EmbedderConfig, storage: Storage | None = None) -> C
         from pipeline.embedders.sscd import DEFAULT_SIZE
 
         size = cfg.image_size or DEFAULT_SIZE
-    return partial(square_crop_uint8, size=size)
+    return partial(square_crop_uint8, size=size, turn=cfg.exif_orientation)

@@ -53,6 +53,45 @@ class Embedder(ABC):
         return self.embed_images([image]), [(0, 0, w, h)]
 
 
+#: the preprocessing step added to an identity's ``preprocess`` when images are turned upright first
+UPRIGHT_STEP = "exif-upright"
+#: EXIF Orientation tag value -> the transpose that shows the image as a viewer does
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as viewers show it: turned by its EXIF Orientation tag (phone photographs are
+    stored sideways with a tag saying so). The tag is dropped from the result, so a second call
+    does nothing. Call :func:`draft` first: turning decodes the image."""
+    method = _UPRIGHT.get(_orientation(image))
+    if method is None:
+        return image
+    turned = image.transpose(method)
+    for key in ("exif", "xmp", "XML:com.adobe.xmp", "Raw profile type exif"):
+        turned.info.pop(key, None)
+    return turned
+
+
+def viewed_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as viewers show the image (:func:`upright`), without decoding it."""
+    w, h = image.size
+    return (h, w) if _orientation(image) in (5, 6, 7, 8) else (w, h)
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block is ignored, as viewers ignore it
+        return 1
+
+
+def with_upright(preprocess: str, turned: bool) -> str:
+    """An identity's ``preprocess`` text, naming the upright step when images are turned first."""
+    return f"{UPRIGHT_STEP},{preprocess}" if turned else preprocess
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with transparency composited on white (as img2dataset stores such images): dropping
     the alpha channel instead would show whatever colour the transparent pixels happen to hold.
@@ -101,8 +140,10 @@ def draft(image: Image.Image, side: int) -> Image.Image:
     return image
 
 
-def square_crop_uint8(image: Image.Image, size: int) -> np.ndarray:
+def square_crop_uint8(image: Image.Image, size: int, turn: bool = True) -> np.ndarray:
     """Resize the short side to ``size``, centre-crop a square: (size, size, 3) uint8. A JPEG
-    decodes at reduced size when it is larger than it needs to be (:func:`draft`)."""
+    decodes at reduced size when it is larger than it needs to be (:func:`draft`); ``turn``: upright
+    first (:func:`upright`)."""
     image = draft(image, size)
+    image = upright(image) if turn else image
     return np.asarray(center_crop(resize_short_side(to_rgb(image), size), size), dtype=np.uint8)

@@ -57,6 +57,7 @@ class OpenClipEmbedder(TorchImageEmbedder, Embedder):
         self.arch = cfg.model
         visual = model.visual
         size = visual.image_size
+        self.turn = cfg.exif_orientation
         self.image_size = cfg.image_size or (size[0] if isinstance(size, (tuple, list)) else int(size))
         self.mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
         self.std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)

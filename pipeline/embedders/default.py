@@ -50,7 +50,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import EmbedderConfig
-from pipeline.embedders.base import Embedder, draft, l2_normalize, to_rgb
+from pipeline.embedders.base import Embedder, draft, l2_normalize, to_rgb, upright, with_upright
 from pipeline.errors import ConfigError
 from pipeline.storage import Storage, read_bytes
 
@@ -224,9 +224,11 @@ def raw_features(batch: np.ndarray, version: str = VERSION) -> np.ndarray:
     return np.concatenate([2 * f[:, fixed], a + b, np.abs(a - b)], axis=1).astype(np.float32)
 
 
-def to_input(image: Image.Image) -> np.ndarray:
-    """PIL image (lazily opened JPEGs decode at reduced size) -> (S, S, 3) uint8."""
-    image = to_rgb(draft(image, INPUT_SIZE))
+def to_input(image: Image.Image, turn: bool = False) -> np.ndarray:
+    """PIL image (lazily opened JPEGs decode at reduced size) -> (S, S, 3) uint8; ``turn``: upright
+    by its EXIF orientation first."""
+    image = draft(image, INPUT_SIZE)
+    image = to_rgb(upright(image) if turn else image)
     small = image.resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR, reducing_gap=2.0)
     return np.asarray(small, dtype=np.uint8)
 
@@ -365,9 +367,10 @@ class DefaultDescriptor(Embedder):
         if self.object_regions < 0:
             raise ConfigError(f"embedder.query_object_regions must be >= 0, got {self.object_regions}")
         self.version = self.whitening.version  # an older whitening keeps its own features
+        self.turn = cfg.exif_orientation
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        return to_input(image)
+        return to_input(image, self.turn)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         if len(batch) == 0:
@@ -377,7 +380,7 @@ class DefaultDescriptor(Embedder):
     def embed_regions(self, image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
         from pipeline.embedders.regions import OBJECT_SIDES, object_boxes
 
-        image = to_rgb(image)
+        image = to_rgb(upright(image) if self.turn else image)
         boxes = region_boxes(image.width, image.height, self.region_scales, self.region_step)
         if self.region_scales:  # regions on: windows on objects too
             boxes += [b for b in object_boxes(image, self.object_regions) if b not in boxes]
@@ -398,5 +401,5 @@ class DefaultDescriptor(Embedder):
             "model": self.version,
             "weights": f"sha256:{self.sha256}",
             "dim": self.dim,
-            "preprocess": f"jpeg-draft,squash={INPUT_SIZE}x{INPUT_SIZE},bilinear",
+            "preprocess": with_upright(f"jpeg-draft,squash={INPUT_SIZE}x{INPUT_SIZE},bilinear", self.turn),
         }

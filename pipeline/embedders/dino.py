@@ -121,6 +121,7 @@ class DinoEmbedder(TorchImageEmbedder, Embedder):
         check_architecture(cfg)
         self.device = pick_device(cfg.device)
         self.kwargs = model_kwargs(cfg, storage)
+        self.turn = cfg.exif_orientation
         self.image_size = input_size(cfg, storage)
         model = timm.create_model(cfg.model, pretrained=False, num_classes=0,
                                   **{**self.kwargs, "img_size": self.image_size})

@@ -23,6 +23,7 @@ class SscdEmbedder(TorchImageEmbedder, Embedder):
         path, self.weights = checkpoint_file(cfg, storage)
         # TorchScript is deprecated for new models but the published SSCD files are TorchScript.
         self.model = torch.jit.load(path, map_location=self.device).eval()
+        self.turn = cfg.exif_orientation
         self.image_size = cfg.image_size or DEFAULT_SIZE
         self.mean, self.std, self.arch = IMAGENET_MEAN, IMAGENET_STD, "torchscript"
         self._probe_dim()

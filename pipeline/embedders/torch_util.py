@@ -46,12 +46,12 @@ def to_normalized_tensor(batch: np.ndarray, mean: tuple, std: tuple, device: str
 class TorchImageEmbedder:
     """Shared body of the torch embedders: square crop on CPU workers, normalise + forward in
     the actor. Subclasses set model, device, image_size, mean, std, arch, weights in
-    ``__init__``, implement ``_network(x)``, then call ``_probe_dim()``."""
+    ``__init__`` (and ``turn``, from ``exif_orientation``), implement ``_network(x)``, then call ``_probe_dim()``."""
 
     def preprocess(self, image):
         from pipeline.embedders.base import square_crop_uint8
 
-        return square_crop_uint8(image, self.image_size)
+        return square_crop_uint8(image, self.image_size, self.turn)
 
     def _forward(self, batch: np.ndarray):
         return self._network(to_normalized_tensor(batch, self.mean, self.std, self.device)).float()
@@ -71,6 +71,8 @@ class TorchImageEmbedder:
             return l2_normalize(self._forward(batch).cpu().numpy())
 
     def identity(self) -> dict:
+        from pipeline.embedders.base import with_upright
+
         return {
             "embedder": self.name,
             "model": self.arch,
@@ -78,6 +80,6 @@ class TorchImageEmbedder:
             "dim": self.dim,
             # jpeg-draft: JPEGs decode at the smallest DCT scale still >= image_size (vectors differ
             # slightly from a full decode, hence its own identity).
-            "preprocess": f"jpeg-draft,resize_short={self.image_size},center_crop={self.image_size},"
-            f"mean={list(self.mean)},std={list(self.std)}",
+            "preprocess": with_upright(f"jpeg-draft,resize_short={self.image_size},center_crop={self.image_size},"
+                                       f"mean={list(self.mean)},std={list(self.std)}", self.turn),
         }

@@ -28,13 +28,17 @@ RANK_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"
 
 def thumbnail_jpeg(data: bytes, max_side: int = THUMB_SIDE) -> tuple[bytes, int, int]:
     """Decode an image, shrink it to ``max_side`` and re-encode as JPEG; returns (jpeg, width, height)
-    where width/height are the *original* size (boxes are given in original pixels)."""
+    where width/height are the *original* size (boxes are given in original pixels), upright as
+    viewers show it (the orientation verification compares)."""
     from PIL import Image
+
+    from pipeline.embedders.base import upright
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
-        width, height = im.size
-        rgb = im.convert("RGB")
+        turned = upright(im)
+        width, height = turned.size
+        rgb = turned.convert("RGB")
     rgb.thumbnail((max_side, max_side))
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=82)
