@@ -69,35 +69,61 @@ class Plan:
     def index_rows(self) -> list[list[str]]:
         itype = "c6i.16xlarge"
         vcpus = self.p["instances"][itype]["vcpus"]
+        plan = self.p["plan"]
+        side_bytes = self.images * plan["index_side_file_bytes_per_vector"]
+        read_h = side_bytes / (self.m["train_sample_read_mb_s_per_vcpu"] * 1e6) / vcpus / 3600
         add_h = self.images / self.m["index_add_vec_s_per_vcpu"] / vcpus / 3600
-        lists_gb = self.images * self.p["plan"]["index_list_bytes_per_vector"] / 1e9
-        shards = self.p["plan"]["index_shards"]
-        merge_h = shards * 4 / 60  # docs/SCALING.md "Merge": ~4 min per 32 GiB shard, from the measured 295 MB/s
+        shard_bytes = plan["shard_memory_gb"] * 2**30
+        merge_h = plan["index_shards"] * shard_bytes / (self.m["merge_mb_s"] * 1e6) / 3600
+        train_h = self.m["train_hours_one_64_vcpu_node"]
         rows = []
-        for step, node_h, wall in (("train (k-means, 5.1M sample, 1 node)", self.m["train_hours_one_64_vcpu_node"],
-                                    self.m["train_hours_one_64_vcpu_node"]),
-                                   ("add (5.85e9 vectors)", add_h, add_h / self.nodes),
-                                   (f"merge ({shards} shards, {lists_gb:,.0f} GB of lists)", merge_h, merge_h / shards)):
+        for step, node_h, wall in (
+                (f"read the training sample ({plan['train_size'] / 1e6:,.1f}M rows; nearly every row group)",
+                 read_h, read_h / self.nodes),
+                (f"train (OPQ, two-level k-means to {plan['nlist']:,} lists, 1 node)", train_h, train_h),
+                (f"add ({self.images:.3g} vectors)", add_h, add_h / self.nodes),
+                (f"merge in RAM ({plan['index_shards']} shards of {plan['shard_memory_gb']} GiB)", merge_h,
+                 merge_h / plan["index_shards"])):
             od, spot = self.price(itype, node_h)
             rows.append([step, itype, f"{node_h:,.1f}", money(od), money(spot), hours(wall)])
         return rows
 
-    def search_rows(self) -> list[list[str]]:
+    def search_nodes(self) -> tuple[str, int, int]:
+        """(node type, nodes, index shards per node): a node holds as many shard actors as its RAM
+        and its local disk (the shard's lists and its fp16 side files) allow."""
         plan = self.p["plan"]
         itype = plan["search_node"]
-        vcpus = self.p["instances"][itype]["vcpus"]
-        nodes = math.ceil(plan["index_shards"] / plan["search_actors_per_node"])
-        lists_gb = self.images * plan["index_list_bytes_per_vector"] / 1e9
+        inst = self.p["instances"][itype]
+        shards = plan["index_shards"]
+        side_gb = self.images * plan["index_side_file_bytes_per_vector"] / shards / 1e9
+        by_ram = int(inst["memory_gib"] // (plan["shard_memory_gb"] * 1.25))  # a quarter for queries and the OS
+        by_disk = int(inst["local_disk_gb"] // (side_gb + plan["shard_memory_gb"] * 2**30 / 1e9))
+        per_node = max(1, min(by_ram, by_disk))
+        return itype, math.ceil(shards / per_node), per_node
+
+    def search_rows(self) -> list[list[str]]:
+        plan, m = self.p["plan"], self.m
+        itype, nodes, per_node = self.search_nodes()
+        cores = nodes * self.p["instances"][itype]["vcpus"]
+        queries = 1e4
+        regions = queries * plan["regions_per_query"]
+        index_bytes = self.images * (plan["index_list_bytes_per_vector"] + plan["index_side_file_bytes_per_vector"])
+        codes = plan["nprobe"] * self.images / plan["nlist"]  # per region vector
         steps = [("start nodes, pull the image (assumption)", plan["node_start_minutes"] * 60),
-                 ("copy the index shards to local disk", lists_gb / (nodes * plan["s3_gb_s_per_node"])),
-                 ("embed 10,000 queries, 87 regions each (head, 32 vCPU)",
-                  1e4 * self.m["query_embed_ms_per_query"] / 1e3 / 32),
-                 ("ANN search, nprobe 64", self.m["search_ann_core_s_per_10k"] / (nodes * vcpus))]
+                 ("copy index shards and their fp16 side files to local disk",
+                  index_bytes / 1e9 / (nodes * plan["s3_gb_s_per_node"])),
+                 (f"embed {queries:,.0f} queries, {plan['regions_per_query']} regions each (head, 32 vCPU)",
+                  queries * m["query_embed_ms_per_query"] / 1e3 / 32),
+                 (f"ANN scan, nprobe {plan['nprobe']}: {codes:,.0f} codes per region vector",
+                  regions * codes * m["scan_ns_per_code"] / 1e9 / cores),
+                 (f"exact rerank of {plan['rerank_depth']} per query in the shard actors",
+                  queries * m["rerank_ms_per_query"] / 1e3 / cores),
+                 (f"verification (pool of {plan['verify_pool']} per query)", queries * m["verify_cpu_s_per_query"] / cores)]
         rows = [[s, hours(sec / 3600)] for s, sec in steps]
         wall_h = sum(sec for _, sec in steps) / 3600
         od, spot = self.price(itype, nodes * wall_h)
         head_od, head_spot = self.price("m6i.8xlarge", wall_h)
-        rows.append([f"**total**: {nodes} x {itype} + head m6i.8xlarge",
+        rows.append([f"**total**: {nodes} x {itype} ({per_node} index shards each) + head m6i.8xlarge",
                      f"{hours(wall_h)}; {money(od + head_od)} on demand, {money(spot + head_od)} with spot workers"])
         return rows
 
@@ -106,14 +132,18 @@ class Plan:
         gets_per_tar = math.ceil(self.p["corpus"]["tar_mb"] / plan["read_block_mb"])
         shards = self.tars
         lists_bytes = self.images * plan["index_list_bytes_per_vector"]
+        side_bytes = self.images * plan["index_side_file_bytes_per_vector"]
         rows = []
         ops = [("embed: read tars", gets_per_tar * self.tars, 0),
                ("embed: write shards (Parquet + stats)", 0, 2 * shards),
                ("index: read embeddings (footer + column, per shard)", 2 * shards, 0),
                ("index: write parts and fp16 side files", 0, 2 * plan["parts"]),
                ("index: merge (read parts, write shards)", plan["parts"], 2 * plan["index_shards"]),
-               ("search of 10,000: copy shards to local disk", math.ceil(lists_bytes / (plan["read_block_mb"] << 20)), 0),
-               ("search of 10,000: exact rerank reads", int(1e4 * plan["rerank_candidates"]), 0)]
+               ("search of 10,000: copy shards and side files to local disk",
+                math.ceil((lists_bytes + side_bytes) / (plan["read_block_mb"] << 20)), 0),
+               ("search of 10,000: candidate pixels for verification", int(1e4 * plan["verify_pool"]), 0),
+               ("search of 10,000: exact rerank by ranged reads instead (no local side files)",
+                int(1e4 * plan["rerank_depth"]), 0)]
         for what, gets, puts in ops:
             cost = gets / 1000 * s3["get_per_1000"] + puts / 1000 * s3["put_per_1000"]
             rows.append([what, f"{gets:,}", f"{puts:,}", money(cost)])
@@ -143,13 +173,13 @@ def render(prices: dict, nodes: int) -> str:
         table(["model", "node", "images/s per node", "bound by", "node-hours", "GPU-hours", "on-demand",
                "spot", f"wall, {nodes} nodes"], plan.embed_rows()),
         "",
-        f"**Index build** ({prices['plan']['index_dim']}-d, `IVF131072_HNSW32,PQ64x8`), CPU figures derived "
-        f"from measurements; wall time of add on {nodes} nodes, merge shards in parallel:",
+        f"**Index build** ({prices['plan']['index_dim']}-d, `{prices['plan']['factory']}`), CPU figures derived "
+        f"from measurements; wall time of the sample read and add on {nodes} nodes, merge shards in parallel:",
         "",
         table(["step", "node", "node-hours", "on-demand", "spot", "wall"], plan.index_rows()),
         "",
-        "**One search of 10,000 generations** (index already built; the exact rerank's S3 reads are "
-        "latency-bound and not timed):",
+        "**One search of 10,000 generations** on a fresh cluster (index already built; every CPU step "
+        "spread over the search nodes' cores):",
         "",
         table(["step", "time"], plan.search_rows()),
         "",

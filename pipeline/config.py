@@ -335,6 +335,10 @@ class SearchConfig:
     rerank_depth: int = 0
     #: IVF lists probed; 0 = what the index's tuning measured, else 64
     nprobe: int = 0
+    #: exact rerank inside the index shard actors, on local copies of their fp16 side files (copied once
+    #: per node); false = candidates' vectors read by byte range, which is quicker for one search on a
+    #: fresh cluster than copying every side file (docs/SCALING.md)
+    rerank_in_shards: bool = True
     #: also search several regions of each query (when the embedder offers it)
     regions: bool = True
     #: second-stage descriptors computed on the pixels of each query's best rerank_top candidates, each

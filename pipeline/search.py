@@ -539,14 +539,15 @@ def run_search(cfg: SearchConfig, progress: Progress | None = None) -> SearchRes
 
 
 def settings_digest(plan: SearchPlan, blocklist: set[str], subset: set[str] | None) -> str:
-    """What decides a batch's rows: a resumed run must match it (the lock, Ray address and
-    storage options do not)."""
+    """What decides a batch's rows: a resumed run must match it (the lock, Ray address, storage
+    options and where the exact rerank runs do not)."""
     import hashlib
     import json
 
     from pipeline.config import to_dict
 
-    settings = {k: v for k, v in to_dict(plan.cfg).items() if k not in ("ray", "s3", "break_lock", "lock_stale_after_s")}
+    settings = {k: v for k, v in to_dict(plan.cfg).items() if k not in ("ray", "s3", "break_lock", "lock_stale_after_s",
+                                                                           "rerank_in_shards")}
     settings.update(embedder=to_dict(plan.embedder), nprobe=plan.nprobe, rerank_depth=plan.rerank_depth,
                     index_ntotal=plan.manifest.ntotal, blocklist=sorted(blocklist),
                     subset=sorted(subset) if subset is not None else None)
@@ -583,7 +584,7 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
         progress.log(f"resuming run {plan.run_id}: {done} of {len(batches)} query batches already done")
 
     with IndexSearcher(plan.index, identity=embedder.identity(), ray_address=cfg.ray.address,
-                       nprobe=plan.nprobe) as searcher:
+                       nprobe=plan.nprobe, rerank_in_shards=cfg.rerank_in_shards) as searcher:
         embedder.start(cfg.embed_actors)
         model = score_model(cfg, embedder.stage.primary.identity() if embedder.stage else embedder.identity())
         identity = embedder.identity()

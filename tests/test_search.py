@@ -387,3 +387,20 @@ def test_an_exif_rotated_query_is_searched_upright(demo, tmp_path):
     assert top1["sideways"]["match_key"] != copy["source_key"] or \
         top1["sideways"]["similarity"] < top1["turned"]["similarity"] - 0.1
 
+
+def test_the_exact_rerank_by_ranged_reads_equals_the_rerank_in_the_shards(demo, tmp_path):
+    """`rerank_in_shards: false` (the driver reads candidates' vectors by byte range) writes the same
+    matches as the shard actors' rerank on their local side files."""
+    import shutil
+
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for name in sorted(p.name for p in (demo["work"] / "generated").glob("*.png"))[:4]:
+        shutil.copy(demo["work"] / "generated" / name, queries / name)
+    common = dict(queries=str(queries), index=str(demo["work"] / "index"), output=str(tmp_path), verify_top=2,
+                  top_k=3, baseline_size=8)
+    runs = [Path(run_search(SearchConfig(run_id=str(local), rerank_in_shards=local, **common)).run_url)
+            for local in (True, False)]
+    a, b = (table(run, "matches.parquet").drop(["run_id"]) for run in runs)
+    assert a.num_rows == 12 and a.equals(b)
+
