@@ -83,7 +83,8 @@ class S3Proxy:
                         self.send_header("Content-Type", "application/xml")
                         self.send_header("Content-Length", str(len(xml)))
                         self.end_headers()
-                        self.wfile.write(xml)
+                        if self.command != "HEAD":  # a body after a HEAD answer would be read as the next answer
+                            self.wfile.write(xml)
                         return
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
