@@ -166,6 +166,22 @@ def test_an_exif_rotated_jpeg_is_embedded_upright(hostile):
     assert float(upright @ sideways) < float(upright @ rotated) - 0.2
 
 
+def test_a_folder_embedded_unturned_is_continued_only_as_it_was_made(ray_local, tmp_path):
+    from pipeline.config import EmbedderConfig
+    from pipeline.errors import MismatchError
+    from pipeline.sample import make_sample_tars
+
+    make_sample_tars(str(tmp_path / "t"), tars=2, per_tar=3)
+    first = EmbedConfig(input=[str(tmp_path / "t" / "00000.tar")], output=str(tmp_path / "o"),
+                        embedder=EmbedderConfig(exif_orientation=False))
+    run_embed(first)
+    later = EmbedConfig(input=[str(tmp_path / "t" / "*.tar")], output=str(tmp_path / "o"))
+    with pytest.raises(MismatchError, match="before images were turned upright.*--no-embedder-exif-orientation"):
+        run_embed(later)
+    later.embedder.exif_orientation = False
+    assert run_embed(later).embedded == 3  # only the new tar
+
+
 def test_the_same_key_in_two_tars_lands_twice_with_distinct_ids(hostile):
     assert [r["key"] for r in hostile["rows"]["00001"]] == ["ok"] and hostile["rows"]["00001"][0]["status"] == "ok"
 

@@ -101,13 +101,16 @@ def identity_of_schema(schema: pa.Schema) -> dict[str, Any] | None:
 
 def check_same_identity(have: dict[str, Any], want: dict[str, Any], where: str) -> None:
     """Refuse to mix outputs of different embedders or preprocessing."""
+    from pipeline.embedders.base import with_upright
+
     if have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         details = "; ".join(f"{k}: {have.get(k)!r} there vs {want.get(k)!r} now" for k in diff)
-        raise MismatchError(
-            f"{where} holds output made with other parameters ({details}); "
-            "use a new output location or the same embedder settings"
-        )
+        hint = "use a new output location or the same embedder settings"
+        if diff == ["preprocess"] and with_upright(str(have.get("preprocess")), True) == want.get("preprocess"):
+            hint = ("it was embedded before images were turned upright by their EXIF orientation: use a new output "
+                    "location, or continue it as it was made with --no-embedder-exif-orientation")
+        raise MismatchError(f"{where} holds output made with other parameters ({details}); {hint}")
 
 
 #: the columns every reader of an embedding shard relies on
