@@ -123,6 +123,32 @@ def test_without_side_files_rerank_reads_parquet(tmp_path):
     np.testing.assert_array_equal(src.fetch(ids), want.astype(np.float16).astype(np.float32))
 
 
+def test_merging_onto_a_list_a_whole_number_of_blocks_long_equals_one_index(tmp_path):
+    """faiss' append to a fast-scan list whose length is a multiple of its block size in bytes
+    overflows the heap (128 entries here: 32 codes of 4 bytes a block); the merge avoids it."""
+    import faiss
+
+    from pipeline.index.merge import merge_in_ram
+
+    x = np.random.default_rng(0).standard_normal((1000, 16)).astype("float32")
+    trained = faiss.index_factory(16, "IVF1,PQ8x4fsr", faiss.METRIC_INNER_PRODUCT)
+    trained.train(x)
+    parts, start = [], 0
+    for i, n in enumerate([128, 50, 78, 128, 7]):  # the list holds 128, then 256 entries before an append
+        part = faiss.clone_index(trained)
+        part.add_with_ids(x[start : start + n], np.arange(start, start + n))
+        parts.append(str(tmp_path / f"part{i}.index"))
+        faiss.write_index(part, parts[-1])
+        start += n
+    one = faiss.clone_index(trained)
+    one.add_with_ids(x[:start], np.arange(start))
+    assert merge_in_ram(faiss.serialize_index(trained).tobytes(), parts, str(tmp_path / "merged.index")) == start
+    merged = faiss.read_index(str(tmp_path / "merged.index"))
+    (d1, i1), (d2, i2) = one.search(x[:100], 20), merged.search(x[:100], 20)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(d1, d2)
+
+
 def test_fast_scan_shards_are_merged_in_ram_and_equal_one_index(tmp_path):
     """OPQ + 4-bit fast-scan codes (the default kind): shards merged and served in RAM, no .ivfdata."""
     import faiss

@@ -47,13 +47,80 @@ def merge_in_ram(trained_bytes: bytes, inputs: list[str], out_index: str) -> int
     ivf = faiss.extract_index_ivf(index)
     if index.ntotal != 0:
         raise ValueError("the trained index must be empty")
+    sizes = np.zeros(ivf.nlist, dtype=np.int64)  # entries per list so far
     for p in inputs:
         part = faiss.read_index(p, faiss.IO_FLAG_MMAP)
-        ivf.merge_from(faiss.extract_index_ivf(part), 0)
+        part_ivf = faiss.extract_index_ivf(part)
+        added = list_sizes(part_ivf.invlists)
+        merge_hazardous_lists(ivf, part_ivf, sizes, added)
+        ivf.merge_from(part_ivf, 0)
+        sizes += added
         del part
     index.ntotal = ivf.ntotal
     faiss.write_index(index, out_index)
     return int(index.ntotal)
+
+
+def list_sizes(invlists) -> "np.ndarray":
+    import numpy as np
+
+    return np.fromiter((invlists.list_size(j) for j in range(invlists.nlist)), dtype=np.int64, count=invlists.nlist)
+
+
+def merge_hazardous_lists(ivf, part_ivf, sizes, added) -> None:
+    """Merge, ahead of ``merge_from``, the lists it would corrupt.
+
+    faiss (1.15) ``BlockInvertedLists::add_entries`` appending to a list whose length in entries is
+    a non-zero multiple of its block size in *bytes* copies every block of the list instead of the
+    new ones: a heap overflow (a 10M-vector shard aborted with "malloc(): corrupted top size"). Such
+    a list is taken out, joined with the part's entries and written back as a new list (an append
+    to an empty list is correct); the part's list is emptied, so ``merge_from`` skips it."""
+    import faiss
+    import numpy as np
+
+    packer = ivf.get_CodePacker()
+    target = faiss.downcast_InvertedLists(ivf.invlists)
+    source = faiss.downcast_InvertedLists(part_ivf.invlists)
+    for j in np.flatnonzero((sizes > 0) & (sizes % packer.block_size == 0) & (added > 0)):
+        have_ids, have_codes = _entries(target, int(j), packer)
+        new_ids, new_codes = _entries(source, int(j), packer)
+        ids = np.concatenate([have_ids, new_ids])
+        blocks = _pack(np.concatenate([have_codes, new_codes]), packer)
+        target.resize(int(j), 0)
+        target.add_entries(int(j), len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(blocks))
+        source.resize(int(j), 0)
+
+
+def _entries(invlists, j: int, packer) -> tuple["np.ndarray", "np.ndarray"]:
+    """(ids, flat codes) of list ``j`` of block inverted lists."""
+    import faiss
+    import numpy as np
+
+    n = invlists.list_size(j)
+    ids = faiss.rev_swig_ptr(invlists.get_ids(j), n).copy()
+    nblocks = -(-n // packer.nvec)
+    blocks = faiss.rev_swig_ptr(invlists.get_codes(j), nblocks * packer.block_size)
+    flat = np.empty(nblocks * packer.nvec * packer.code_size, dtype=np.uint8)
+    for b in range(nblocks):
+        packer.unpack_all(faiss.swig_ptr(blocks[b * packer.block_size:]),
+                          faiss.swig_ptr(flat[b * packer.nvec * packer.code_size:]))
+    return ids.astype(np.int64), flat[: n * packer.code_size]
+
+
+def _pack(flat, packer) -> "np.ndarray":
+    """Flat codes -> whole blocks (the last one padded with zero codes)."""
+    import faiss
+    import numpy as np
+
+    n = len(flat) // packer.code_size
+    nblocks = -(-n // packer.nvec)
+    padded = np.zeros(nblocks * packer.nvec * packer.code_size, dtype=np.uint8)
+    padded[: len(flat)] = flat
+    blocks = np.zeros(nblocks * packer.block_size, dtype=np.uint8)
+    for b in range(nblocks):
+        packer.pack_all(faiss.swig_ptr(padded[b * packer.nvec * packer.code_size:]),
+                        faiss.swig_ptr(blocks[b * packer.block_size:]))
+    return blocks
 
 
 def merge_to_ondisk(trained_bytes: bytes, inputs: list[str], out_index: str, ondisk_inputs: bool = False) -> int:
