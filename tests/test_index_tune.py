@@ -11,7 +11,7 @@ from index_helpers import brute_force, config, index_of, make_corpus, registry_o
 from pipeline.cli import app
 from pipeline.index.build import run_build
 from pipeline.index.serve import IndexSearcher
-from pipeline.index.tune import run_tune
+from pipeline.index.tune import TIMING_NOISE, cheapest, run_tune
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,9 @@ def test_tuning_is_recorded_and_chooses_the_cheapest_point_that_reaches_the_targ
     assert tuning.reached and reaching
     chosen = next(c for c in tuning.curve if (c["nprobe"], c["rerank_depth"]) == (tuning.nprobe, tuning.rerank_depth))
     assert chosen["recall"] == tuning.recall >= cfg.target_recall
-    assert chosen["ms_per_query"] == min(c["ms_per_query"] for c in reaching)
+    fastest = min(c["ms_per_query"] for c in reaching)  # as fast as any, within the timing noise,
+    assert chosen["ms_per_query"] <= fastest * (1 + TIMING_NOISE)  # and the fewest lists of those
+    assert chosen["nprobe"] == min(c["nprobe"] for c in reaching if c["ms_per_query"] <= fastest * (1 + TIMING_NOISE))
     # more lists probed never lowers the ANN recall on the same sample
     ann = [max(c["ann_recall"] for c in tuning.curve if c["nprobe"] == n) for n in (1, 2, 4, 8, 16, 32, 64)]
     assert ann == sorted(ann) and ann[0] < ann[-1]
@@ -86,3 +88,13 @@ def test_cli_tune_forces_a_new_measurement_and_prints_it(tuned):
     printed = json.loads(result.output[result.output.index("{"):])
     after = index_of(cfg).read_tuning()
     assert printed == after.summary() and after.queries == 100 and before.queries == cfg.tune_queries
+
+
+def test_near_equal_timings_go_to_the_fewest_lists_probed():
+    """A 10M run's tuning curve at depth 800 (ms per query on shared cores): 1024 lists timed
+    fastest by noise; 128 is within the noise and probes 8x fewer."""
+    points = [{"nprobe": n, "rerank_depth": 800, "ms_per_query": ms}
+              for n, ms in ((64, 32.945), (128, 26.211), (256, 26.548), (1024, 23.46))]
+    assert cheapest(points)["nprobe"] == 128
+    assert cheapest(points[:1])["nprobe"] == 64
+
