@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import TYPE_CHECKING
 
 from pipeline.config import IndexConfig
 from pipeline.errors import ConfigError, MismatchError
@@ -22,6 +23,9 @@ from pipeline.layout.index import (IndexFolder, IndexShard, Manifest, PartRecord
                                    sha256_bytes, to_ranges)
 from pipeline.progress import NullProgress, Progress
 from pipeline.storage import file_sha256
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def read_shard(path: str, in_ram: bool):
@@ -61,7 +65,7 @@ def merge_in_ram(trained_bytes: bytes, inputs: list[str], out_index: str) -> int
     return int(index.ntotal)
 
 
-def list_sizes(invlists) -> "np.ndarray":
+def list_sizes(invlists) -> np.ndarray:
     import numpy as np
 
     return np.fromiter((invlists.list_size(j) for j in range(invlists.nlist)), dtype=np.int64, count=invlists.nlist)
@@ -91,7 +95,7 @@ def merge_hazardous_lists(ivf, part_ivf, sizes, added) -> None:
         source.resize(int(j), 0)
 
 
-def _entries(invlists, j: int, packer) -> tuple["np.ndarray", "np.ndarray"]:
+def _entries(invlists, j: int, packer) -> tuple[np.ndarray, np.ndarray]:
     """(ids, flat codes) of list ``j`` of block inverted lists."""
     import faiss
     import numpy as np
@@ -107,7 +111,7 @@ def _entries(invlists, j: int, packer) -> tuple["np.ndarray", "np.ndarray"]:
     return ids.astype(np.int64), flat[: n * packer.code_size]
 
 
-def _pack(flat, packer) -> "np.ndarray":
+def _pack(flat, packer) -> np.ndarray:
     """Flat codes -> whole blocks (the last one padded with zero codes)."""
     import faiss
     import numpy as np
