@@ -101,14 +101,14 @@ def _entries(invlists, j: int, packer) -> tuple[np.ndarray, np.ndarray]:
     import numpy as np
 
     n = invlists.list_size(j)
-    ids = faiss.rev_swig_ptr(invlists.get_ids(j), n).copy()
+    ids = faiss.rev_swig_ptr(invlists.get_ids(j), n).astype(np.int64)  # a copy: the list is rewritten
     nblocks = -(-n // packer.nvec)
     blocks = faiss.rev_swig_ptr(invlists.get_codes(j), nblocks * packer.block_size)
     flat = np.empty(nblocks * packer.nvec * packer.code_size, dtype=np.uint8)
     for b in range(nblocks):
         packer.unpack_all(faiss.swig_ptr(blocks[b * packer.block_size:]),
                           faiss.swig_ptr(flat[b * packer.nvec * packer.code_size:]))
-    return ids.astype(np.int64), flat[: n * packer.code_size]
+    return ids, flat[: n * packer.code_size]
 
 
 def _pack(flat, packer) -> np.ndarray:

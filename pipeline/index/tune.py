@@ -7,9 +7,9 @@ top-k is computed by a scan of every stored vector (one Ray task per group of em
 reading the fp16 side files; the query itself excluded), and every (nprobe, rerank depth) on a
 grid is tried the way search runs it: ANN scan, then exact rescoring of the best ``depth``. The
 cheapest point (measured milliseconds per query, ties within timing noise going to the fewest
-lists probed) whose recall@k after the rerank reaches ``target_recall`` is recorded in the manifest; search uses it unless told otherwise. The whole
-curve is kept in ``tuning.json``. A build retunes when the index grew by more than
-``retune_growth`` since the last tuning.
+lists probed) whose recall@k after the rerank reaches ``target_recall`` is recorded in the
+manifest; search uses it unless told otherwise. The whole curve is kept in ``tuning.json``. A
+build retunes when the index grew by more than ``retune_growth`` since the last tuning.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def cheapest(points: list[dict[str, Any]]) -> dict[str, Any]:
     fastest = min(c["ms_per_query"] for c in points)
     near = [c for c in points if c["ms_per_query"] <= fastest * (1 + TIMING_NOISE)]
     return min(near, key=lambda c: (c["nprobe"], c["rerank_depth"], c["ms_per_query"]))
+
 
 def sample_queries(registry: Registry, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` stored vectors drawn across the corpus, and their ids."""
