@@ -55,7 +55,7 @@ from pipeline import scoring  # noqa: E402
 from pipeline import synthetic_images as synthetic  # noqa: E402
 from pipeline.config import EmbedderConfig  # noqa: E402
 from pipeline.layout.devset import MANIFEST  # noqa: E402
-from pipeline.search import Candidate, best_per_corpus_image, verification_pool  # noqa: E402
+from pipeline.search import Candidate, merge_regions, verification_pool  # noqa: E402
 
 TOP_K = 10
 CANDIDATES = 100  # per query region, as SearchConfig.candidates
@@ -204,8 +204,11 @@ def candidates(ds: Dataset, emb, corpus: np.ndarray, regions: bool) -> tuple[lis
         vecs, boxes = emb.embed_regions(q) if regions else (emb.embed_images([q]), [(0, 0, q.width, q.height)])
         sims = vecs @ corpus.T
         ids, scores = _topk(sims, CANDIDATES)
-        found = best_per_corpus_image(np.zeros(len(vecs), int), scores, ids, scores, ids, 1)[0]
-        out.append(sorted(found.values(), key=lambda c: (-c.score_exact, c.id)))
+        # as search merges regions; the exact score is the best region's (brute force here)
+        found = merge_regions(np.zeros(len(vecs), int), 1, scores, ids)[0]
+        merged = [Candidate(i, best, float(sims[:, i].max()), int(sims[:, i].argmax()), region_rank=rank)
+                  for i, (best, rank) in found.items()]
+        out.append(sorted(merged, key=lambda c: (-c.score_exact, c.id)))
         all_boxes.append(boxes)
     return out, all_boxes
 

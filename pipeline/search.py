@@ -195,6 +195,23 @@ def embed_queries(embedder, images, regions: bool) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(vecs).astype(np.float32), np.array(owner), boxes
 
 
+def merge_regions(owner, n_owners: int, scores: np.ndarray, ids: np.ndarray) -> list[dict[int, list]]:
+    """Per query: corpus id -> [its best score over the query's regions, its best rank in any
+    one region's list]. Row ``r`` of ``scores``/``ids`` is region ``r``, of query ``owner[r]``."""
+    per_query: list[dict[int, list]] = [dict() for _ in range(n_owners)]
+    for r in range(len(owner)):
+        found = per_query[owner[r]]
+        for rank, (s, i) in enumerate(zip(scores[r].tolist(), ids[r].tolist()), 1):
+            if i < 0:
+                continue
+            seen = found.get(i)
+            if seen is None:
+                found[i] = [s, rank]
+            else:
+                seen[0], seen[1] = max(seen[0], s), min(seen[1], rank)
+    return per_query
+
+
 def candidate_search(vecs, owner, n_owners, searcher, source, cfg: SearchConfig, depth: int) -> list[dict[int, Candidate]]:
     """Per query: its best ``depth`` corpus images, rescored exactly.
 
@@ -205,17 +222,7 @@ def candidate_search(vecs, owner, n_owners, searcher, source, cfg: SearchConfig,
     """
     k = cfg.candidates if len(owner) > n_owners else max(cfg.candidates, depth)
     ann_scores, ann_ids = searcher.search(vecs, k)
-    per_query: list[dict[int, list]] = [dict() for _ in range(n_owners)]  # id -> [best ANN score, best rank]
-    for r in range(len(owner)):
-        found = per_query[owner[r]]
-        for rank, (s, i) in enumerate(zip(ann_scores[r].tolist(), ann_ids[r].tolist()), 1):
-            if i < 0:
-                continue
-            seen = found.get(i)
-            if seen is None:
-                found[i] = [s, rank]
-            else:
-                seen[0], seen[1] = max(seen[0], s), min(seen[1], rank)
+    per_query = merge_regions(owner, n_owners, ann_scores, ann_ids)
     cand = [np.array(sorted(found, key=lambda i: (-found[i][0], i))[:depth], np.int64) for found in per_query]
     exact = searcher.rescore(vecs, owner, cand, fallback=source)
     return [{int(i): Candidate(int(i), float(found[int(i)][0]), float(s), int(r), region_rank=found[int(i)][1])

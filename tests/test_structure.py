@@ -54,3 +54,17 @@ def test_no_module_shadows_the_standard_library():
 
     clashes = sorted(p.stem for p in PIPELINE.rglob("*.py") if p.stem in sys.stdlib_module_names)
     assert not clashes, f"pipeline modules named like standard modules: {clashes}"
+
+
+def test_every_benchmark_script_loads():
+    """A refactor of the library must not break a benchmark unnoticed: each script imports what it
+    uses and answers --help."""
+    import subprocess
+    import sys
+
+    failed = []
+    for script in sorted((PIPELINE.parent / "bench").glob("*.py")):
+        r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+        if r.returncode != 0 or "usage" not in r.stdout:
+            failed.append(f"{script.name}: {r.stderr.strip().splitlines()[-1:] or r.returncode}")
+    assert not failed, failed
