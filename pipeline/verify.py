@@ -201,21 +201,22 @@ class Verifier:
         empty = np.zeros((0, 2), np.float32)
         if len(q) < 2 or len(c) < 2:
             return empty, empty
-        knn = self.matcher.knnMatch(q.descriptors, c.descriptors, k=2)
-        best: dict[int, tuple[float, int]] = {}
-        for pair in knn:
-            if len(pair) < 2:
-                continue
-            m, n = pair
-            if m.distance < self.ratio * n.distance:
-                prev = best.get(m.trainIdx)
-                if prev is None or m.distance < prev[0]:
-                    best[m.trainIdx] = (m.distance, m.queryIdx)
-        if not best:
+        if self.norm == self.cv2.NORM_L2:
+            best, second, train = _two_nearest_l2(q.descriptors, c.descriptors)
+        else:
+            knn = self.matcher.knnMatch(q.descriptors, c.descriptors, k=2)
+            best = np.array([p[0].distance for p in knn], np.float32)
+            second = np.array([p[1].distance if len(p) > 1 else np.inf for p in knn], np.float32)
+            train = np.array([p[0].trainIdx for p in knn], np.int64)
+        query = np.nonzero(best < self.ratio * second)[0]
+        if not len(query):
             return empty, empty
-        train = np.fromiter(best.keys(), dtype=np.int64)
-        query = np.array([best[t][1] for t in train], dtype=np.int64)
-        return q.points[query], c.points[train]
+        # One match per candidate keypoint: its closest query keypoint (the first on ties).
+        order = np.lexsort((query, best[query], train[query]))
+        query, first = query[order], np.ones(len(order), bool)
+        first[1:] = train[query][1:] != train[query][:-1]
+        query = query[first]
+        return q.points[query], c.points[train[query]]
 
     def _fit(self, qp: np.ndarray, cp: np.ndarray, q_scale: float) -> tuple[np.ndarray | None, np.ndarray]:
         cv2 = self.cv2
@@ -344,6 +345,23 @@ class Verifier:
         """One query against several candidates; the query's features are computed once."""
         q = self.features(query, query=True)
         return [self.verify(q, c) for c in candidates]
+
+
+def _two_nearest_l2(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row of ``a``: L2 distance to its nearest and second-nearest row of ``b``, and
+    the nearest's index. One matrix product (BLAS) instead of a brute-force matcher: several
+    times less CPU for SIFT's 128-d descriptors at verification's sizes."""
+    d = a @ b.T  # |a - b|^2 = |a|^2 - 2 a.b + |b|^2; |a|^2 is added once the two are found
+    d *= -2.0
+    d += (b * b).sum(1)[None, :]
+    rows = np.arange(len(a))
+    nearest = d.argmin(axis=1)
+    first = d[rows, nearest].copy()
+    d[rows, nearest] = np.inf
+    second = d.min(axis=1)
+    aa = (a * a).sum(1)
+    return (np.sqrt(np.maximum(first + aa, 0.0)), np.sqrt(np.maximum(second + aa, 0.0)),
+            nearest.astype(np.int64))
 
 
 def _box(points: np.ndarray, size: tuple[int, int]) -> Box:
