@@ -133,6 +133,40 @@ def build_split(items: list[devset.Item], split: str, edits_per_ref: int, distra
                    np.asarray(gts), boxes)
 
 
+def scene_split(n: int, seed: int = 0) -> Dataset:
+    """Procedural scenes (the whitening's fit scenes, ``default_fit.fit_images``): ``n`` corpus
+    images, one edited copy of each (the edits in turn, pastes onto other scenes) and ``n // 3``
+    distractors. Added to the score model's fit data, never to validation or test: on flat
+    colours a hue shift leaves little for keypoints, and the whole image's similarity is the
+    evidence that tells a copy from a region that resembles part of another image."""
+    from pipeline.embedders.default_fit import fit_images
+
+    rng = np.random.default_rng(seed + 3)
+    images, _ = fit_images(n + n // 3 + 8, devset_cache=None, seed=seed)
+    originals, others, backgrounds = images[:n], images[n:n + n // 3], images[n + n // 3:]
+    queries, edits, gts, boxes = [], [], [], {}
+
+    def make(image: Image.Image, name: str) -> Image.Image:
+        if name == "paste":
+            bg = backgrounds[int(rng.integers(len(backgrounds)))].resize((512, 384))
+            q, box = synthetic.paste_object(image, bg, rng, min_width=0.35, max_width=0.6)
+            boxes[len(queries)] = box
+            return q
+        return synthetic.EDITS[name](image, rng)
+
+    for r, image in enumerate(originals):
+        name = QUERY_EDITS[r % len(QUERY_EDITS)]
+        queries.append(make(image, name))
+        edits.append(name)
+        gts.append(r)
+    for image in others:
+        queries.append(make(image, QUERY_EDITS[int(rng.integers(len(QUERY_EDITS)))]))
+        edits.append("distractor")
+        gts.append(-1)
+    return Dataset("scenes", [_jpeg(im) for im in originals], ["scene"] * n, queries, edits,
+                   ["scene"] * len(queries), np.asarray(gts), boxes)
+
+
 # ------------------------------------------------------------------------------------------
 # Baselines: each returns (ids (nq, k), scores (nq, k)), best first
 # ------------------------------------------------------------------------------------------
@@ -206,7 +240,8 @@ def candidates(ds: Dataset, emb, corpus: np.ndarray, regions: bool) -> tuple[lis
         ids, scores = _topk(sims, CANDIDATES)
         # as search merges regions; the exact score is the best region's (brute force here)
         found = merge_regions(np.zeros(len(vecs), int), 1, scores, ids)[0]
-        merged = [Candidate(i, best, float(sims[:, i].max()), int(sims[:, i].argmax()), region_rank=rank)
+        merged = [Candidate(i, best, float(sims[:, i].max()), int(sims[:, i].argmax()), region_rank=rank,
+                            score_whole=float(sims[0, i]))
                   for i, (best, rank) in found.items()]
         out.append(sorted(merged, key=lambda c: (-c.score_exact, c.id)))
         all_boxes.append(boxes)
@@ -234,62 +269,76 @@ def _verify_init(corpus_jpeg: list[bytes], method: str) -> None:
     _WORKER.update(corpus=corpus_jpeg, verifier=Verifier(method=method), cache={})
 
 
-def _verify_query(args) -> tuple[list[tuple], dict]:
-    """One query against its pool, as search's verification task does; CPU seconds per step
-    (candidate features cached per worker, their cost counted once per image)."""
-    query, pool = args
+def _verify_query(args) -> tuple[int, float, dict]:
+    """One query against the pool members not verified yet, as search's verification task does;
+    CPU seconds per step (candidate features cached per worker, their cost counted once per image)."""
+    qi, query, pool = args
     v, cache = _WORKER["verifier"], _WORKER["cache"]
     t0 = time.process_time()
     qf = v.features(query, query=True)
-    t = {"query_features": time.process_time() - t0, "candidate_features": [], "match": []}
-    out = []
+    query_s = time.process_time() - t0
+    out = {}
     for c in pool:
         if c not in cache:
             t0 = time.process_time()
             im = devset.flatten(Image.open(io.BytesIO(_WORKER["corpus"][c])))
-            cache[c] = (v.features(im), im.size)
-            t["candidate_features"].append(time.process_time() - t0)
+            cache[c] = (v.features(im), im.size, time.process_time() - t0)
         t0 = time.process_time()
         r = v.verify(qf, cache[c][0])
-        t["match"].append(time.process_time() - t0)
-        out.append((r.inliers, r.matches, r.score, r.query_box, r.candidate_box, cache[c][1]))
-    return out, t
+        out[c] = ((r.inliers, r.matches, r.score, r.query_box, r.candidate_box, cache[c][1]),
+                  time.process_time() - t0, cache[c][2])
+    return qi, query_s, out
+
+
+def verifier_settings() -> str:
+    """A short digest of the verifier's default settings: a pair's result depends only on its two
+    images and these, so cached results are reused until they change."""
+    import hashlib
+    import inspect
+
+    from pipeline.verify import Verifier
+
+    return hashlib.sha256(str(inspect.signature(Verifier.__init__)).encode()).hexdigest()[:10]
 
 
 def verify_pools(ds: Dataset, cands: list[list[Candidate]], method: str, workers: int, cache_file: Path | None):
     """Verify each query's search pool (pipeline.search.verification_pool), in place. Results are
-    cached on disk per (split, method, pools): rerunning the scoring costs no verification."""
+    cached on disk per pair: a changed pool verifies only its new members."""
     pools = [verification_pool(c, VERIFY_TOP) for c in cands]
-    key = [(qi, tuple(c.id for c in p)) for qi, p in enumerate(pools)]
-    cached = None
+    cached = {"pairs": {}, "query_s": {}, "candidate_s": {}}
     if cache_file and cache_file.exists():
         cached = pickle.loads(cache_file.read_bytes())
-        if cached["key"] != key:
-            cached = None
-    if cached is None:
-        t0 = time.perf_counter()
+    todo = [(qi, ds.queries[qi], [c.id for c in p if (qi, c.id) not in cached["pairs"]]) for qi, p in enumerate(pools)]
+    todo = [t for t in todo if t[2]]
+    if todo:
         with ProcessPoolExecutor(workers, initializer=_verify_init, initargs=(ds.corpus_jpeg, method)) as ex:
-            results = list(ex.map(_verify_query, [(ds.queries[qi], [c.id for c in p]) for qi, p in enumerate(pools)],
-                                  chunksize=4))
-        cached = {"key": key, "results": results, "wall_s": time.perf_counter() - t0}
+            for qi, query_s, out in ex.map(_verify_query, todo, chunksize=4):
+                cached["query_s"][qi] = query_s
+                for c, (result, match_s, features_s) in out.items():
+                    cached["pairs"][(qi, c)] = (result, match_s)
+                    cached["candidate_s"].setdefault(c, features_s)
         if cache_file:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_bytes(pickle.dumps(cached))
-    qf, cf, mt, sizes = [], [], [], []
-    for pool, (res, t) in zip(pools, cached["results"]):
-        for c, (inliers, matches, score, qbox, cbox, size) in zip(pool, res):
+    qf, mt, sizes, per_query = [], [], [], []
+    cf = np.mean(list(cached["candidate_s"].values()))
+    for qi, pool in enumerate(pools):
+        matched = []
+        for c in pool:
+            (inliers, matches, score, qbox, cbox, size), match_s = cached["pairs"][(qi, c.id)]
             c.inliers, c.matches, c.verify_score, c.query_box, c.match_box = inliers, matches, score, qbox, cbox
             c.candidate_size = size
-        qf.append(t["query_features"])
-        cf += t["candidate_features"]
-        mt += t["match"]
+            matched.append(match_s)
+        if pool:
+            qf.append(cached["query_s"][qi])
+            per_query.append(qf[-1] + cf * len(pool) + sum(matched))
+        mt += matched
         sizes.append(len(pool))
-    per_query = np.asarray(qf) + np.asarray([np.mean(cf) * n for n in sizes]) + \
-        np.asarray([sum(t["match"]) for _, t in cached["results"]])
+    per_query = np.asarray(per_query)
     return pools, {
         "method": method, "queries": len(pools), "pairs": len(mt), "pool_mean": round(float(np.mean(sizes)), 1),
         "query_features_cpu_ms": round(1000 * float(np.mean(qf)), 1),
-        "candidate_features_cpu_ms": round(1000 * float(np.mean(cf)), 1),
+        "candidate_features_cpu_ms": round(1000 * float(cf), 1),
         "match_cpu_ms": round(1000 * float(np.mean(mt)), 1),
         "cpu_s_per_query_mean": round(float(per_query.mean()), 3),
         "cpu_s_per_query_p95": round(float(np.percentile(per_query, 95)), 3),
@@ -386,19 +435,22 @@ def build_embedder(args):
 
 
 def run_split(args, items, model: scoring.ScoreModel | None) -> dict:
-    t0 = time.perf_counter()
-    ds = build_split(items, args.split, args.edits_per_ref, args.distractor_edits, args.limit)
+    return run_dataset(args, build_split(items, args.split, args.edits_per_ref, args.distractor_edits, args.limit),
+                       model)
+
+
+def run_dataset(args, ds: Dataset, model: scoring.ScoreModel | None) -> dict:
     n_pos = int((ds.query_gt >= 0).sum())
-    counts = {c: ds.corpus_category.count(c) for c in devset.CATEGORIES}
-    print(f"{args.split}: corpus {len(ds.corpus_jpeg)} {counts}, {n_pos} copy queries, "
-          f"{len(ds.queries) - n_pos} distractor queries ({time.perf_counter() - t0:.0f}s)", flush=True)
+    counts = {c: ds.corpus_category.count(c) for c in sorted(set(ds.corpus_category))}
+    print(f"{ds.split}: corpus {len(ds.corpus_jpeg)} {counts}, {n_pos} copy queries, "
+          f"{len(ds.queries) - n_pos} distractor queries", flush=True)
     results: dict[str, dict] = {}
 
     def record(name, ids_scores):
         results[name] = evaluate(*ids_scores, ds)
         print(name, json.dumps(results[name]), flush=True)
 
-    if not args.no_hashes:
+    if not args.no_hashes and ds.split != "scenes":
         record("PDQ (8 dihedral)", run_pdq(ds))
         record("pHash", run_phash(ds))
         record("thumb32 cosine", run_thumb(ds))
@@ -408,14 +460,15 @@ def run_split(args, items, model: scoring.ScoreModel | None) -> dict:
     record(f"{emb.name}: global", _ids_scores(glob, lambda c: c.score_exact))
     cands, boxes = candidates(ds, emb, corpus, regions=True)
     record(f"{emb.name}: + regions", _ids_scores(cands, lambda c: c.score_exact))
-    out = {"split": args.split, "corpus": len(ds.corpus_jpeg), "corpus_by_category": counts, "copy_queries": n_pos,
+    out = {"split": ds.split, "corpus": len(ds.corpus_jpeg), "corpus_by_category": counts, "copy_queries": n_pos,
            "distractor_queries": len(ds.queries) - n_pos, "identity": emb.identity(), "results": results}
     if args.no_verify:
         out["generation_recall"] = generation_recall(ds, [verification_pool(c, VERIFY_TOP) for c in cands], cands)
         out["fit_rows"] = None
         return out
-    cache = Path(args.cache) / "verify" / (f"{args.split}-{args.method}-{emb.identity()['weights'][-12:]}"
-                                           f"-o{args.object_regions}-l{args.limit}.pkl")
+    name = f"scenes{len(ds.corpus_jpeg)}" if ds.split == "scenes" else \
+        f"{ds.split}-e{args.edits_per_ref}.{args.distractor_edits}-l{args.limit}"
+    cache = Path(args.cache) / "verify" / f"{name}-{args.method}-{verifier_settings()}.pkl"
     pools, vstats = verify_pools(ds, cands, args.method, args.workers, cache)
     by_evidence = [sorted(c, key=lambda c: (-bool(c.verify_score), -(c.verify_score or 0) - c.score_exact)) for c in cands]
     record(f"{emb.name}: + verification", _ids_scores(by_evidence, lambda c: (c.verify_score or 0) + c.score_exact))
@@ -447,6 +500,8 @@ def main() -> None:
     ap.add_argument("--model", help="open_clip architecture")
     ap.add_argument("--pretrained", help="open_clip pretrained tag")
     ap.add_argument("--method", default=None, help="verification keypoints (default: pipeline.verify.DEFAULT_METHOD)")
+    ap.add_argument("--scenes", type=int, default=300,
+                    help="with --fit: procedural scenes (and their copies) added to the fit split's rows")
     ap.add_argument("--edits-per-ref", type=int, default=3)
     ap.add_argument("--distractor-edits", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="use at most this many images of the split (quick runs)")
@@ -477,13 +532,19 @@ def main() -> None:
         args.split = "fit"
         out = run_split(args, items, None)
         x, y = out.pop("fit_rows")
+        queries = out["copy_queries"] + out["distractor_queries"]
+        if args.scenes:
+            scenes = run_dataset(args, scene_split(args.scenes), None)
+            xs, ys = scenes.pop("fit_rows")
+            x, y = np.concatenate([x, xs]), np.concatenate([y, ys])
+            queries += scenes["copy_queries"] + scenes["distractor_queries"]
         w, b, mean, std = scoring.fit(x, y)
         emb_identity = out["identity"]
         model = scoring.ScoreModel(weights=w.round(6).tolist(), bias=round(b, 6), mean=mean.round(6).tolist(),
                                    std=std.round(6).tolist(), fitted_for=scoring.fitted_for(emb_identity, args.method),
-                                   meta={"fitted": True, "data": "development benchmark, fit split (pipeline.devset)",
-                                         "rows": int(len(y)), "positives": int(y.sum()),
-                                         "queries": out["copy_queries"] + out["distractor_queries"]})
+                                   meta={"fitted": True, "data": "development benchmark, fit split (pipeline.devset)"
+                                         + (f", {args.scenes} procedural scenes" if args.scenes else ""),
+                                         "rows": int(len(y)), "positives": int(y.sum()), "queries": queries})
         path = args.out or str(Path(scoring.__file__).parent / "embedders" / "data" / f"score-{emb_identity['model']}.json")
         Path(path).write_bytes(model.to_bytes())
         print(f"wrote {path} sha256:{model.sha256}")

@@ -350,7 +350,7 @@ def main() -> None:
         exact = searcher.rescore(queries, owner, cand)
         rerank_s = time.perf_counter() - t
         found = np.full((len(queries), k + 1), -1, np.int64)
-        for q, (c, (sc, _)) in enumerate(zip(cand, exact)):
+        for q, (c, (sc, _, _)) in enumerate(zip(cand, exact)):
             best = c[np.lexsort((c, -sc))][: k + 1]
             found[q, : len(best)] = best
         return {"nprobe": nprobe, "rerank_depth": rerank_depth,

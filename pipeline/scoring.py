@@ -1,8 +1,10 @@
 """The final score of a match: one calibrated number from every piece of evidence.
 
 A candidate carries a descriptor similarity (exact cosine on stored vectors, or the second-stage
-descriptor's), the query region that found it, and -- when it was verified -- inliers, the
-share of tentative matches they make, and the areas where the two images agree. The final
+descriptor's; the best over the query's regions), the query region that found it, the whole
+query image's similarity (a region can resemble a part of an unrelated image; the whole image
+rarely does), and -- when it was verified -- inliers, the share of tentative matches they make,
+and the areas where the two images agree. The final
 score is a small logistic model of those (:class:`ScoreModel`):
 
     score = sigmoid(bias + sum_i w_i * (x_i - mean_i) / std_i)
@@ -11,7 +13,8 @@ fitted on the development benchmark's fit split (``bench/copy_detection.py --fit
 probability that the candidate is the copied image. Weights of evidence features are
 constrained to be >= 0, so the score never drops when the evidence grows; the margin feature
 (similarity minus the query's own 10th best) makes scores of different queries comparable
-(a query that resembles everything, like a page of text, gains nothing from that). Search ranks
+(a query that resembles everything, like a page of text, gains nothing from that); the whole
+query image's similarity enters the same way, as its margin over the query's 10th best. Search ranks
 by this score, the baseline is scored the same way, and the calibrated threshold applies to it;
 each component stays in its own column of ``matches.parquet``.
 
@@ -38,8 +41,9 @@ if TYPE_CHECKING:
 
 #: Feature names, in model order; ``MONOTONE`` ones are evidence (weight >= 0).
 FEATURES = ("similarity", "margin", "region_area", "verified", "log_inliers", "inlier_ratio", "query_box_area",
-            "match_box_area")
-MONOTONE = ("similarity", "margin", "verified", "log_inliers", "inlier_ratio", "query_box_area", "match_box_area")
+            "match_box_area", "whole_margin")
+MONOTONE = ("similarity", "margin", "verified", "log_inliers", "inlier_ratio", "query_box_area", "match_box_area",
+            "whole_margin")
 #: The margin is taken against the query's ``MARGIN_RANK``-th best similarity.
 MARGIN_RANK = 10
 
@@ -50,15 +54,21 @@ def _box_area(box, size) -> float:
     return float(np.sqrt(max(0, box[2] - box[0]) * max(0, box[3] - box[1]) / (size[0] * size[1])))
 
 
+def _nth_best(values: np.ndarray) -> float:
+    """The query's ``MARGIN_RANK``-th best value (its worst when it has fewer)."""
+    return float(np.sort(values)[::-1][min(MARGIN_RANK, len(values)) - 1])
+
+
 def features(cands: Sequence["Candidate"], query_size: tuple[int, int], region_boxes: Sequence[tuple]) -> np.ndarray:
     """(n, len(FEATURES)) evidence of one query's candidates (unverified: zeros for verification)."""
     if not cands:
         return np.zeros((0, len(FEATURES)))
     sims = np.array([c.similarity for c in cands], dtype=np.float64)
-    ranked = np.sort(sims)[::-1]
-    reference = ranked[min(MARGIN_RANK, len(ranked)) - 1]
+    reference = _nth_best(sims)
+    whole = np.array([c.score_whole if np.isfinite(c.score_whole) else c.similarity for c in cands])
+    whole_reference = _nth_best(whole)
     rows = []
-    for c, s in zip(cands, sims):
+    for c, s, w in zip(cands, sims, whole):
         verified = bool(c.verify_score)
         rows.append([
             s,
@@ -69,6 +79,7 @@ def features(cands: Sequence["Candidate"], query_size: tuple[int, int], region_b
             float(c.inliers / max(c.matches or c.inliers, 1)) if verified else 0.0,
             _box_area(c.query_box, query_size) if verified else 0.0,
             _box_area(c.match_box, c.candidate_size) if verified else 0.0,
+            w - whole_reference,
         ])
     return np.asarray(rows, dtype=np.float64)
 
@@ -87,8 +98,10 @@ class ScoreModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def score(self, x: np.ndarray) -> np.ndarray:
+        """Scores of rows of :func:`features` (all of ``FEATURES``; the model uses its own)."""
         if not len(x):
             return np.zeros(0)
+        x = x[:, [FEATURES.index(f) for f in self.features]]
         z = self.bias + ((x - np.asarray(self.mean)) / np.asarray(self.std)) @ np.asarray(self.weights)
         return 1.0 / (1.0 + np.exp(-np.clip(z, -60, 60)))
 
@@ -110,15 +123,18 @@ class ScoreModel:
             model = cls(**{k: d[k] for k in ("weights", "bias", "mean", "std", "features", "fitted_for", "meta")})
         except Exception as exc:  # noqa: BLE001 - any format problem is a config problem
             raise ConfigError(f"{where} is not a score model file (JSON from bench/copy_detection.py --fit): {exc}") from exc
-        if list(model.features) != list(FEATURES):
+        # A model fitted before a feature was added still scores as it did (it ignores the feature).
+        unknown = [f for f in model.features if f not in FEATURES]
+        if unknown or len(model.weights) != len(model.features):
             raise ConfigError(f"{where} uses features {model.features}; this version computes {list(FEATURES)}")
         return model
 
 
 #: Without a model fitted for the descriptor: similarity first, verification evidence on top,
 #: margin as a tie-breaker. Not calibrated (the threshold calibrated on the baseline still is).
-UNFITTED = ScoreModel(weights=[4.0, 1.0, 0.0, 2.0, 1.0, 0.5, 0.5, 0.25], bias=0.0, mean=[0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-                      std=[0.1, 0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], fitted_for={},
+UNFITTED = ScoreModel(weights=[4.0, 1.0, 0.0, 2.0, 1.0, 0.5, 0.5, 0.25, 1.0], bias=0.0,
+                      mean=[0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                      std=[0.1, 0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.1], fitted_for={},
                       meta={"fitted": False, "note": "fixed weights, not fitted"})
 
 

@@ -67,6 +67,9 @@ class Candidate:
     candidate_size: tuple | None = None
     #: best rank of this corpus image in any one query region's list (1 = some region's best)
     region_rank: int = 1 << 30
+    #: exact score against the whole query image (score_exact is the best region's); the same
+    #: when the query was searched whole
+    score_whole: float = float("nan")
     #: the final score (pipeline.scoring), set once all evidence is in
     score: float = float("nan")
 
@@ -225,9 +228,10 @@ def candidate_search(vecs, owner, n_owners, searcher, source, cfg: SearchConfig,
     per_query = merge_regions(owner, n_owners, ann_scores, ann_ids)
     cand = [np.array(sorted(found, key=lambda i: (-found[i][0], i))[:depth], np.int64) for found in per_query]
     exact = searcher.rescore(vecs, owner, cand, fallback=source)
-    return [{int(i): Candidate(int(i), float(found[int(i)][0]), float(s), int(r), region_rank=found[int(i)][1])
-             for i, s, r in zip(ids, scores, rows)}
-            for found, ids, (scores, rows) in zip(per_query, cand, exact)]
+    return [{int(i): Candidate(int(i), float(found[int(i)][0]), float(s), int(r), region_rank=found[int(i)][1],
+                               score_whole=float(w))
+             for i, s, r, w in zip(ids, scores, rows, whole)}
+            for found, ids, (scores, rows, whole) in zip(per_query, cand, exact)]
 
 
 def blocked(row: dict[str, Any], blocklist: set[str]) -> bool:
@@ -391,11 +395,20 @@ def nl2_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters)
 
 
 def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) -> list[Candidate]:
-    """The best ``top`` by similarity, then candidates near the head of some single region's list
-    (an object pasted into a new scene ranks high in its own region but may score low overall):
-    ``2.5 * top`` at most, which keeps verification under 2 s of CPU a query (docs/BENCHMARKS.md)."""
-    rest = sorted((c for c in cands[top:] if c.region_rank <= region_rank), key=lambda c: (c.region_rank, -c.similarity))
-    return cands[:top] + rest[: (3 * top) // 2]
+    """What verification looks at, ``2.5 * top`` candidates at most (which keeps it under 2 s of
+    CPU a query, docs/BENCHMARKS.md): the best ``top`` by similarity (the best region's); then
+    the best by the whole image's similarity (a crop or a rotated copy can score higher whole
+    than any region of another image does, yet rank below images that one region resembles);
+    then candidates near the head of some single region's list (an object pasted into a new
+    scene ranks high in its own region but may score low overall)."""
+    pool = cands[:top]
+    taken = {c.id for c in pool}
+    by_whole = sorted((c for c in cands[top:] if np.isfinite(c.score_whole)), key=lambda c: -c.score_whole)
+    pool += by_whole[: top // 2]
+    taken |= {c.id for c in pool}
+    rest = sorted((c for c in cands[top:] if c.region_rank <= region_rank and c.id not in taken),
+                  key=lambda c: (c.region_rank, -c.similarity))
+    return pool + rest[: (5 * top) // 2 - len(pool)]
 
 
 def verify_query(image, rows: list[dict[str, Any]], storage) -> list[tuple]:
@@ -508,7 +521,7 @@ def neighbours(ids: list[int], searcher, source, cfg: SearchConfig) -> dict[int,
     cand = [row[row >= 0] for row in ann_ids]
     exact = searcher.rescore(vecs, np.arange(len(ids)), cand, fallback=source)
     return {i: sorted(((float(s), int(n)) for s, n in zip(scores, c)), key=lambda p: (-p[0], p[1]))
-            for i, c, (scores, _) in zip(ids, cand, exact)}
+            for i, c, (scores, _, _) in zip(ids, cand, exact)}
 
 
 def sample_baseline_ids(registry, n: int, rng: np.random.Generator) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 Global descriptors rank candidates; this module checks a short list of them geometrically:
 
-1. both images are scaled to at most ``max_side`` pixels (bounded cost), equalised (CLAHE, so
+1. the query is scaled to at most ``max_side`` pixels and each candidate to at most
+   ``candidate_max_side`` (bounded cost; keypoints are scale-invariant, and a candidate's
+   features are the larger share of a query's CPU), equalised (CLAHE, so
    low-contrast photos get keypoints), and keypoints are extracted: SIFT by default, or ORB,
    RootSIFT (SIFT with Hellinger-normalised descriptors, Arandjelovic & Zisserman 2012), AKAZE or
    BRISK (``METHODS``; docs/BENCHMARKS.md compares them). A query gets more keypoints than a candidate (a copied object may be a small
@@ -22,7 +24,7 @@ Global descriptors rank candidates; this module checks a short list of them geom
 
 The answer (:class:`Verification`) carries the inlier count, a score in [0, 1) (0 = not
 verified), whether the mirrored query matched, the transform, and both boxes. Time per pair
-is bounded by ``max_side``, ``n_features``/``n_query_features`` and ``max_iters``;
+is bounded by ``max_side``/``candidate_max_side``, ``n_features``/``n_query_features`` and ``max_iters``;
 ``time_budget_s`` additionally skips the mirrored attempt once a pair has used its budget.
 
 Search verifies one query against many candidates: :meth:`Verifier.features` computes a
@@ -126,6 +128,7 @@ class Verifier:
         self,
         method: str = DEFAULT_METHOD,
         max_side: int = 512,
+        candidate_max_side: int = 384,
         n_features: int = 1500,
         n_query_features: int = 5000,
         fast_threshold: int = 5,
@@ -148,6 +151,7 @@ class Verifier:
             raise ValueError(f"verification model must be similarity, affine or homography, got {model!r}")
         self.cv2 = cv2
         self.method, self.max_side, self.n_features = method, max_side, n_features
+        self.candidate_max_side = candidate_max_side
         self.ratio, self.model, self.ransac_px, self.max_iters = ratio, model, ransac_px, max_iters
         self.min_inliers, self.min_inlier_ratio, self.score_scale = min_inliers, min_inlier_ratio, score_scale
         self.try_flip, self.refine_box, self.time_budget_s = try_flip, refine_box, time_budget_s
@@ -171,8 +175,8 @@ class Verifier:
 
     # -- features ----------------------------------------------------------------------
 
-    def _detect(self, image: Image.Image, detector) -> Features:
-        grey, scale = _grey_array(image, self.max_side)
+    def _detect(self, image: Image.Image, detector, max_side: int) -> Features:
+        grey, scale = _grey_array(image, max_side)
         kps, desc = detector.detectAndCompute(grey, None)
         if desc is None or len(kps) == 0:
             return Features(np.zeros((0, 2), np.float32), None, image.size, scale, grey)
@@ -188,10 +192,11 @@ class Verifier:
 
         image = image if image.mode == "L" else to_rgb(image)
         if not query:
-            return self._detect(image, self.detector)
-        f = self._detect(image, self.query_detector)
+            return self._detect(image, self.detector, self.candidate_max_side)
+        f = self._detect(image, self.query_detector, self.max_side)
         if self.try_flip:
-            f.mirrored = self._detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), self.query_detector)
+            f.mirrored = self._detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), self.query_detector,
+                                      self.max_side)
         return f
 
     # -- matching ----------------------------------------------------------------------

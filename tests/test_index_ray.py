@@ -58,3 +58,28 @@ def test_s3_rerank_and_rows(s3_index):
     rows = fetch_rows(found[:3, 0], reg, columns=["key", "url"])
     for (shard, row), key in zip(reg.shard_rows(found[:3, 0]), rows.column("key").to_pylist()):
         assert key == f"{shard}-{row:06d}"
+
+
+def test_shard_side_rescoring_gives_best_region_and_whole_image_scores(s3_index):
+    """Each query as two vectors (its whole image first, then a region): the actors' exact
+    rescoring returns, per candidate, the best of the two, which one, and the whole image's."""
+    corpus, cfg, manifest, cache = s3_index
+    vecs = corpus.source.batch(779, 20)
+    owner = np.repeat(np.arange(10), 2)
+    with IndexSearcher(index_of(cfg), use_ray=False, cache_dir=str(cache)) as local:
+        _, ann = local.search(vecs, 15, nprobe=8)
+        cand = [np.unique(np.concatenate([ann[2 * q], ann[2 * q + 1]]))[1:] for q in range(10)]
+        expected = local.rescore(vecs, owner, cand)
+    with IndexSearcher(index_of(cfg), use_ray=True, num_actors=2, cache_dir=str(cache)) as remote:
+        got = remote.rescore(vecs, owner, cand)
+    side = SideFileVectors(index_of(cfg).vectors_folder, 32)
+    for q, ((best, rows, whole), (b2, r2, w2)) in enumerate(zip(expected, got)):
+        stored = side.fetch(cand[q]).astype(np.float32)
+        s = stored @ vecs[2 * q: 2 * q + 2].T
+        np.testing.assert_allclose(best, s.max(1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(rows, 2 * q + s.argmax(1))
+        np.testing.assert_allclose(whole, s[:, 0], rtol=1e-5, atol=1e-5)
+        # the actors score a subset of the candidates each: equal up to float rounding
+        np.testing.assert_allclose(b2, best, rtol=1e-6)
+        np.testing.assert_array_equal(r2, rows)
+        np.testing.assert_allclose(w2, whole, rtol=1e-6)

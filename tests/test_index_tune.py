@@ -61,7 +61,7 @@ def test_tuned_settings_reach_the_target_on_queries_tuning_never_saw(tuned):
         cand = [row[row >= 0] for row in ann]
         exact = searcher.rescore(queries, np.arange(len(queries)), cand)
     hits = 0
-    for q, (c, (s, _)) in enumerate(zip(cand, exact)):
+    for q, (c, (s, _, _)) in enumerate(zip(cand, exact)):
         top = c[np.lexsort((c, -s))][:10]
         hits += len(set(top) & set(truth[q]))
     assert hits / truth.size >= cfg.target_recall - 0.05

@@ -96,8 +96,13 @@ def test_model_file_round_trips_and_is_checked(tmp_path):
     bad.write_text('{"weights": [1.0]}')
     with pytest.raises(ConfigError, match="score model"):
         scoring.load_model(str(bad))
-    other = scoring.ScoreModel([1.0], 0.0, [0.0], [1.0], features=["similarity"])
-    bad.write_bytes(other.to_bytes())
+    # A model fitted before a feature existed still loads and scores with the features it knows.
+    older = scoring.ScoreModel([1.0], 0.0, [0.0], [1.0], features=["similarity"])
+    bad.write_bytes(older.to_bytes())
+    x = scoring.features(_cands(np.random.default_rng(4)), (400, 300), BOXES)
+    assert np.allclose(scoring.load_model(str(bad)).score(x), 1 / (1 + np.exp(-x[:, 0])))
+    unknown = scoring.ScoreModel([1.0], 0.0, [0.0], [1.0], features=["sharpness"])
+    bad.write_bytes(unknown.to_bytes())
     with pytest.raises(ConfigError, match="features"):
         scoring.load_model(str(bad))
 
@@ -113,3 +118,25 @@ def test_the_shipped_model_is_fitted_for_the_default_descriptor_only():
     # Another descriptor (another whitening, SSCD...) falls back to the fixed weights.
     assert scoring.shipped_model({**identity, "weights": "sha256:other"}, DEFAULT_METHOD) is scoring.UNFITTED
     assert scoring.shipped_model({"embedder": "sscd", "model": "torchscript"}, DEFAULT_METHOD) is scoring.UNFITTED
+
+
+def test_the_verification_pool_takes_the_best_whole_image_scores_too():
+    """Best by similarity first, then by the whole image's similarity (a crop whose whole image
+    matches but ranks below images one region resembles), then heads of single regions' lists;
+    2.5 x top at most, no image twice."""
+    from pipeline.search import verification_pool
+
+    cands = []
+    for i in range(60):
+        c = Candidate(i, 0.0, 0.9 - 0.01 * i, 1, region_rank=50, score_whole=0.1)
+        cands.append(c)
+    cands[40].score_whole = 0.8  # the crop: whole image similar, low in the similarity order
+    cands[30].score_whole = 0.7
+    for i in (20, 25, 55):
+        cands[i].region_rank = 1  # heads of some region's list
+    pool = verification_pool(cands, top=4)
+    ids = [c.id for c in pool]
+    assert ids[:4] == [0, 1, 2, 3]
+    assert ids[4:6] == [40, 30]
+    assert set(ids[6:]) == {20, 25, 55} and len(ids) == len(set(ids)) <= 10
+    assert len(verification_pool(cands[:3], top=4)) == 3

@@ -97,12 +97,12 @@ def test_unrelated_pairs_are_rejected(verifier):
 
 
 def test_work_per_pair_is_bounded():
-    v = Verifier(n_features=300, n_query_features=600, max_side=320)
+    v = Verifier(n_features=300, n_query_features=600, max_side=320, candidate_max_side=256)
     big = synthetic.scene(7, (1600, 1200))
     f = v.features(big)
     q = v.features(big, query=True)
     assert len(f) <= 300 and len(q) <= 600 and len(q.mirrored) <= 600
-    assert f.scale == pytest.approx(320 / 1600)
+    assert f.scale == pytest.approx(256 / 1600) and q.scale == pytest.approx(320 / 1600)
     assert f.points[:, 0].max() < 1600 and f.points[:, 1].max() < 1200  # original pixels
 
 

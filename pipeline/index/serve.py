@@ -163,15 +163,22 @@ class ShardSet:
             ids.append(i)
         return merge_topk(ds, ids, k, self.metric)
 
-    def rescore(self, vectors: np.ndarray, owner: np.ndarray, cand: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Exact scores of candidates held here: per query, (best score over its vectors, which vector)."""
+    def rescore(self, vectors: np.ndarray, owner: np.ndarray, cand: list[np.ndarray]) -> list[Rescored]:
+        """Exact scores of candidates held here: per query, (best score over its vectors, which
+        vector, score against its first vector)."""
         return rescore(vectors, owner, cand, self.vectors.fetch, self.metric)
 
 
+#: per query: each candidate's best exact score over the query's vectors, the vector (row) giving
+#: it, and its score against the query's first vector (a region query's whole image)
+Rescored = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
 def rescore(vectors: np.ndarray, owner: np.ndarray, cand: list[np.ndarray], fetch, metric: str = "ip"
-            ) -> list[tuple[np.ndarray, np.ndarray]]:
+            ) -> list[Rescored]:
     """For each query q (the rows of ``vectors`` with ``owner == q``) and its candidate ids
-    ``cand[q]``: the exact best score over q's vectors, and the row giving it (a region)."""
+    ``cand[q]``: the exact best score over q's vectors, the row giving it (a region), and the
+    score against q's first row (the whole image, when q's rows are its regions)."""
     uniq = np.unique(np.concatenate([c for c in cand if len(c)] or [np.zeros(0, np.int64)]))
     stored = fetch(uniq)
     pos = {int(i): j for j, i in enumerate(uniq)}
@@ -179,16 +186,16 @@ def rescore(vectors: np.ndarray, owner: np.ndarray, cand: list[np.ndarray], fetc
     for q, ids in enumerate(cand):
         rows = np.nonzero(owner == q)[0]
         if len(ids) == 0 or len(rows) == 0:
-            out.append((np.zeros(0, np.float32), np.zeros(0, np.int64)))
+            out.append((np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)))
             continue
         v = stored[[pos[int(i)] for i in ids]]
         if metric == "ip":
             s = v @ vectors[rows].T  # (candidates, regions)
-            best = s.argmax(axis=1)
         else:
             s = -((v[:, None, :] - vectors[rows][None]) ** 2).sum(-1)
-            best = s.argmax(axis=1)
-        out.append((s[np.arange(len(ids)), best].astype(np.float32), rows[best].astype(np.int64)))
+        best = s.argmax(axis=1)
+        out.append((s[np.arange(len(ids)), best].astype(np.float32), rows[best].astype(np.int64),
+                    s[:, 0].astype(np.float32)))
     return out
 
 
@@ -277,8 +284,9 @@ class IndexSearcher:
         return merge_topk([r[0] for r in results], [r[1] for r in results], k, self.metric)
 
     def rescore(self, vectors: np.ndarray, owner: np.ndarray, cand: list[np.ndarray],
-                fallback=None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Exact (score, best vector row) of each query's candidates, computed where the vectors are.
+                fallback=None) -> list[Rescored]:
+        """Exact (score, best vector row, first vector's score) of each query's candidates (see
+        :func:`rescore`), computed where the vectors are.
 
         ``fallback`` (a VectorSource) fetches vectors into this process when the shards have no
         side files (or ``rerank_in_shards`` is off).
@@ -300,9 +308,10 @@ class IndexSearcher:
             ids = np.concatenate([per_actor[a][q] for a in range(len(self._actors))])
             scores = np.concatenate([answers[a][q][0] for a in range(len(self._actors))])
             rows = np.concatenate([answers[a][q][1] for a in range(len(self._actors))])
+            whole = np.concatenate([answers[a][q][2] for a in range(len(self._actors))])
             order = {int(i): j for j, i in enumerate(ids)}
             pick = np.array([order[int(i)] for i in cand[q]], np.int64)
-            out.append((scores[pick] if len(pick) else scores, rows[pick] if len(pick) else rows))
+            out.append((scores[pick], rows[pick], whole[pick]))
         return out
 
     def close(self) -> None:

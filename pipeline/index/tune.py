@@ -169,7 +169,7 @@ def measure(p: IndexPlan, progress: Progress, use_ray: bool) -> Tuning:
                 exact = searcher.rescore(queries, owner, cand, fallback=source)
                 rerank_ms = (time.perf_counter() - t) * 1000 / len(queries)
                 found = np.full((len(queries), k + 1), -1, np.int64)
-                for q, (c, (s, _)) in enumerate(zip(cand, exact)):
+                for q, (c, (s, _, _)) in enumerate(zip(cand, exact)):
                     best = c[np.lexsort((c, -s))][: k + 1]
                     found[q, : len(best)] = best
                 curve.append({"nprobe": nprobe, "rerank_depth": depth, "ann_recall": round(ann_recall, 4),

@@ -99,6 +99,8 @@ def matches_schema() -> pa.Schema:
             # evidence, calibrated; rank order, the calibrated threshold and the report use it).
             pa.field("score_index", pa.float32()),
             pa.field("score_exact", pa.float32()),
+            # score_exact is the best query region's; this is the whole query image's.
+            pa.field("score_whole", pa.float32()),
             pa.field("score_rerank", pa.float32()),
             pa.field("similarity", pa.float32()),
             pa.field("score", pa.float32(), nullable=False),
@@ -202,8 +204,9 @@ FILLED_FROM_0_2 = {
               "best_similarity_outside_subset": "best_score_outside_subset"},
     BASELINE: {"top1_similarity": "top1_score", "top1_similarity_no_dups": "top1_score_no_dups"},
 }
-#: Match columns added after release 0.3 (second-stage descriptors, nL2, captions, prompts): null before.
-FILLED_FROM_0_3 = {MATCHES: dict.fromkeys([*RERANK_COLUMNS.values(), "nl2", "nl2_references", "caption_count",
+#: Match columns added after release 0.3 (second-stage descriptors, nL2, captions, prompts, the
+#: whole image's score): null before.
+FILLED_FROM_0_3 = {MATCHES: dict.fromkeys([*RERANK_COLUMNS.values(), "score_whole", "nl2", "nl2_references", "caption_count",
                                            "caption_count_normalized", "prompt_caption_exact",
                                            "prompt_caption_overlap", "prompt_caption_clip"])}
 
