@@ -612,9 +612,12 @@ def compare_verifiers(items, args, n_pairs: int = 150) -> dict:
     """Each keypoint method on the same validation pairs: copies (query, its reference) by edit,
     and unrelated pairs (a distractor query and its most similar corpus image): how many are
     verified, and CPU per pair (query features counted once per query, as search does)."""
+    import cv2
+
     from pipeline.embedders.default import DefaultDescriptor
     from pipeline.verify import METHODS, Verifier
 
+    cv2.setNumThreads(1)  # one thread, as each verification task runs
     ds = build_split(items, "validation", args.edits_per_ref, 1, args.limit)
     emb = DefaultDescriptor()
     corpus = corpus_vectors(ds, emb)

@@ -208,11 +208,9 @@ class Verifier:
             return empty, empty
         if self.norm == self.cv2.NORM_L2:
             best, second, train = _two_nearest_l2(q.descriptors, c.descriptors)
-        else:
-            knn = self.matcher.knnMatch(q.descriptors, c.descriptors, k=2)
-            best = np.array([p[0].distance for p in knn], np.float32)
-            second = np.array([p[1].distance if len(p) > 1 else np.inf for p in knn], np.float32)
-            train = np.array([p[0].trainIdx for p in knn], np.int64)
+        else:  # binary descriptors: OpenCV's Hamming matcher is as fast as a matrix product here
+            knn = self.matcher.knnMatch(q.descriptors, c.descriptors, k=2)  # two per row: len(c) >= 2
+            best, second, train = (np.array(v) for v in zip(*((m.distance, n.distance, m.trainIdx) for m, n in knn)))
         query = np.nonzero(best < self.ratio * second)[0]
         if not len(query):
             return empty, empty
