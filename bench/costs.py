@@ -74,7 +74,8 @@ class Plan:
         read_h = side_bytes / (self.m["train_sample_read_mb_s_per_vcpu"] * 1e6) / vcpus / 3600
         add_h = self.images / self.m["index_add_vec_s_per_vcpu"] / vcpus / 3600
         shard_bytes = plan["shard_memory_gb"] * 2**30
-        merge_h = plan["index_shards"] * shard_bytes / (self.m["merge_mb_s"] * 1e6) / 3600
+        merge_h = (plan["index_shards"] * shard_bytes / (self.m["merge_mb_s"] * 1e6)
+                   + plan["parts"] * self.m["merge_list_scan_s_per_part"]) / 3600
         train_h = self.m["train_hours_one_64_vcpu_node"]
         rows = []
         for step, node_h, wall in (
