@@ -4,8 +4,8 @@ A candidate carries a descriptor similarity (exact cosine on stored vectors, or 
 descriptor's; the best over the query's regions), the query region that found it, the whole
 query image's similarity (a region can resemble a part of an unrelated image; the whole image
 rarely does), and -- when it was verified -- inliers, the share of tentative matches they make,
-and the areas where the two images agree. The final
-score is a small logistic model of those (:class:`ScoreModel`):
+and the areas where the two images agree. The final score is a small logistic model of those
+(:class:`ScoreModel`):
 
     score = sigmoid(bias + sum_i w_i * (x_i - mean_i) / std_i)
 
@@ -14,9 +14,9 @@ probability that the candidate is the copied image. Weights of evidence features
 constrained to be >= 0, so the score never drops when the evidence grows; the margin feature
 (similarity minus the query's own 10th best) makes scores of different queries comparable
 (a query that resembles everything, like a page of text, gains nothing from that); the whole
-query image's similarity enters the same way, as its margin over the query's 10th best. Search ranks
-by this score, the baseline is scored the same way, and the calibrated threshold applies to it;
-each component stays in its own column of ``matches.parquet``.
+query image's similarity enters the same way, as its margin over the query's 10th best. Search
+ranks by this score, the baseline is scored the same way, and the calibrated threshold applies
+to it; each component stays in its own column of ``matches.parquet``.
 
 The shipped model (``pipeline/embedders/data/score-<descriptor version>.json``) is fitted for
 the default descriptor's shipped whitening and the default verifier; a search with another
