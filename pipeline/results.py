@@ -123,7 +123,7 @@ def caption_record(plan: "SearchPlan") -> dict[str, Any] | None:
             "shards": info.shards, "corpus_shards": corpus}
 
 
-def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, counters: dict[str, int],
+def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, counters: dict[str, Any],
                blocklist: set[str], subset: set[str] | None, calibrated: float | None, self_recall: float | None,
                nprobe: int, seconds: float, score_model: dict[str, Any] | None = None, stage=None) -> RunRecord:
     """``run.json``: settings, thresholds, index and coverage of one run."""
@@ -172,5 +172,6 @@ def run_record(plan: "SearchPlan", identity: dict[str, Any], n_queries: int, cou
         blocklist={"entries": len(blocklist), "dropped_matches": counters["blocked"]},
         subset={"source": cfg.subset, "size": len(subset) if subset is not None else None},
         pixels_fetched=counters["pixels_fetched"],
+        stage_seconds=counters.get("stage_seconds", {}),
         unreadable_queries=[{"source": src, "error": why} for src, why in counters["unreadable_queries"][:100]],
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,8 @@ class SearchResult:
     summary: RunSummary
     run_url: str
     nprobe: int
+    #: wall seconds per stage, {"queries": {...}, "baseline": {...}} (run.json's stage_seconds)
+    stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def corpus_embedder_config(manifest: Manifest, index: IndexFolder) -> EmbedderConfig:
@@ -182,6 +185,17 @@ def caption_counts(cfg: SearchConfig, manifest: Manifest):
 
 
 # --------------------------------------------------------------------------- the search
+
+
+@contextmanager
+def timed(counters: dict, stage: str):
+    """Add the block's wall seconds to ``counters["seconds"][stage]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = counters.setdefault("seconds", {})
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - t
 
 
 def embed_queries(embedder, images, regions: bool) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
@@ -455,13 +469,16 @@ def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, sour
     from pipeline.scoring import rank
 
     if vectors is None:
-        vecs, owner, boxes = embedder.embed(images, cfg.regions)
+        with timed(counters, "embed"):
+            vecs, owner, boxes = embedder.embed(images, cfg.regions)
         sizes = [im.size for im in images]
     else:
         vecs, owner = vectors, np.arange(len(vectors))
         boxes, sizes = [(0, 0, 1, 1)] * len(vectors), [(1, 1)] * len(vectors)
-    per_query = candidate_search(vecs, owner, len(sizes), searcher, source, cfg, depth)
-    by_id = rows_by_id(sorted({i for found in per_query for i in found}), registry)
+    with timed(counters, "candidates"):
+        per_query = candidate_search(vecs, owner, len(sizes), searcher, source, cfg, depth)
+    with timed(counters, "rows"):
+        by_id = rows_by_id(sorted({i for found in per_query for i in found}), registry)
     picks: list[list[Candidate]] = []
     for qi, found in enumerate(per_query):
         kept = []
@@ -475,11 +492,13 @@ def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, sour
             kept.append(c)
         picks.append(kept)
     if rerank is not None and vectors is None:
-        second_stage(images, picks, cfg, counters, rerank)
+        with timed(counters, "second_stage"):
+            second_stage(images, picks, cfg, counters, rerank)
         # The matches are what the second descriptor looked at: one similarity scale for all.
         picks = [p[: cfg.rerank_top] for p in picks]
     if cfg.verify_top and vectors is None:
-        verify_stage(images, picks, cfg, counters)
+        with timed(counters, "verification"):
+            verify_stage(images, picks, cfg, counters)
     ranked = [rank(p, model, size, boxes) for p, size in zip(picks, sizes)]
     # Region numbers and boxes per query from here on (a query's rows never depend on its batch).
     first = np.searchsorted(owner, np.arange(len(sizes) + 1))
@@ -613,12 +632,13 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
         try:
             if plan.run.batch_record(BASELINE_UNIT) is None:
                 with progress.step(f"baseline: {cfg.baseline_size} corpus images searched like the queries"):
-                    t, counters = time.time(), {"pixels_fetched": 0, "blocked": 0}
+                    t, counters = time.time(), {"pixels_fetched": 0, "blocked": 0, "seconds": {}}
                     baseline, self_recall = run_baseline(cfg, plan.run_id, plan.rerank_depth, embedder, searcher,
                                                          source, registry, blocklist, counters, model, rerank)
                     plan.run.write_table(BASELINE, baseline)
                     plan.run.write_batch(BatchRecord(BASELINE_UNIT, pixels_fetched=counters["pixels_fetched"],
-                                                     seconds=round(time.time() - t, 2), self_recall=self_recall), {})
+                                                     seconds=round(time.time() - t, 2), self_recall=self_recall,
+                                                     stage_seconds=rounded(counters["seconds"])), {})
             with progress.task("search", len(batches), f"query batches of {size} (regions, candidates, rerank, "
                                                        f"verification of the best {cfg.verify_top}, final score)") as bar:
                 for n, refs in enumerate(batches):
@@ -637,7 +657,9 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
     if not n_queries:
         raise no_queries(cfg.queries, unreadable)
     counters = {"pixels_fetched": base.pixels_fetched + sum(r.pixels_fetched for r in records),
-                "blocked": sum(r.blocked for r in records), "unreadable_queries": unreadable}
+                "blocked": sum(r.blocked for r in records), "unreadable_queries": unreadable,
+                "stage_seconds": {"queries": rounded(summed([r.stage_seconds for r in records])),
+                                  "baseline": rounded(base.stage_seconds)}}
     baseline = plan.run.read_table(BASELINE)
     scored = [s for s in baseline.column("top1_score_no_dups").to_pylist() if s is not None]
     calibrated = calibrate_threshold(scored, cfg.fpr) if scored else None
@@ -649,7 +671,7 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
         plan.run.remove_batches()
     with progress.step("writing the report"):
         summary = run_report(plan.run)
-    return SearchResult(summary=summary, run_url=plan.run.url, nprobe=nprobe)
+    return SearchResult(summary=summary, run_url=plan.run.url, nprobe=nprobe, stage_seconds=counters["stage_seconds"])
 
 
 def search_batch(plan: SearchPlan, n: int, refs, embedder, rerank, searcher, source, registry, blocklist, subset,
@@ -661,23 +683,40 @@ def search_batch(plan: SearchPlan, n: int, refs, embedder, rerank, searcher, sou
     from pipeline.results import result_rows
 
     cfg, t = plan.cfg, time.time()
-    found = read_queries(refs, cfg.s3)
-    queries = found.queries
-    if plan.embedder.exif_orientation:  # as the corpus was embedded: vectors, boxes and pixels agree
-        for q in queries:
-            q.image = upright(q.image)
-    counters = {"pixels_fetched": 0, "blocked": 0}
+    counters = {"pixels_fetched": 0, "blocked": 0, "seconds": {}}
+    with timed(counters, "read"):
+        found = read_queries(refs, cfg.s3)
+        queries = found.queries
+        if plan.embedder.exif_orientation:  # as the corpus was embedded: vectors, boxes and pixels agree
+            for q in queries:
+                q.image = upright(q.image)
     picks, boxes, groups = [], [], {}
     if queries:
         picks, boxes = match_images([q.image for q in queries], cfg, plan.rerank_depth, embedder, searcher, source,
                                     registry, blocklist, counters, model, rerank)
         if cfg.nl2_neighbours:
-            nl2_stage([q.image for q in queries], picks, cfg, counters)
-        groups = neighbours(sorted({c.id for p in picks for c in p[: cfg.top_k]}), searcher, source, cfg)
-    tables = result_rows(plan, queries, picks, groups, boxes, identity, subset, registry, embedder.query)
+            with timed(counters, "nl2"):
+                nl2_stage([q.image for q in queries], picks, cfg, counters)
+        with timed(counters, "duplicates"):
+            groups = neighbours(sorted({c.id for p in picks for c in p[: cfg.top_k]}), searcher, source, cfg)
+    with timed(counters, "result_rows"):
+        tables = result_rows(plan, queries, picks, groups, boxes, identity, subset, registry, embedder.query)
     plan.run.write_batch(BatchRecord(batch_unit(n), queries=len(queries), pixels_fetched=counters["pixels_fetched"],
                                      blocked=counters["blocked"], seconds=round(time.time() - t, 2),
-                                     unreadable=[list(u) for u in found.unreadable]), tables)
+                                     unreadable=[list(u) for u in found.unreadable],
+                                     stage_seconds=rounded(counters["seconds"])), tables)
+
+
+def summed(parts: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 3) for k, v in seconds.items()}
 
 
 def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher, source, registry, blocklist, counters, model,
@@ -694,18 +733,22 @@ def run_baseline(cfg: SearchConfig, run_id: str, depth: int, embedder, searcher,
     ids = sample_baseline_ids(registry, cfg.baseline_size, rng).tolist()
     rows = rows_by_id(ids, registry)
     ids = [i for i in ids if not (blocklist and blocked(rows[i], blocklist))]
-    stored = neighbours(ids, searcher, source, cfg)
+    with timed(counters, "duplicates"):
+        stored = neighbours(ids, searcher, source, cfg)
     self_recall = float(np.mean([any(n == i for _, n in stored[i]) for i in ids])) if ids else None
     dups = {i: {n for s, n in stored[i] if s >= cfg.duplicate_threshold and n != i} for i in ids}
     ranked: list[list[Candidate]] = []
+    # the samples' own stages are timed; their candidates' fetches are not counted as pixels fetched
+    inner = {"pixels_fetched": 0, "blocked": 0, "seconds": counters.setdefault("seconds", {})}
     if ids and all(has_pixels(rows[i]) for i in ids):
-        images = [fetch_image(rows[i], cfg.s3) for i in ids]
+        with timed(counters, "read"):
+            images = [fetch_image(rows[i], cfg.s3) for i in ids]
         counters["pixels_fetched"] += len(images)
         ranked, _ = match_images(images, cfg, depth, embedder, searcher, source, registry, blocklist,
-                                 {"pixels_fetched": 0, "blocked": 0}, model, rerank, exclude=[{i} for i in ids])
+                                 inner, model, rerank, exclude=[{i} for i in ids])
     elif ids:  # imported embeddings: no pixels to search with, so their stored vectors, whole
         ranked, _ = match_images(None, cfg, depth, embedder, searcher, source, registry, blocklist,
-                                 {"pixels_fetched": 0, "blocked": 0}, model, exclude=[{i} for i in ids],
+                                 inner, model, exclude=[{i} for i in ids],
                                  vectors=source.fetch(np.asarray(ids, np.int64)))
     top_keys = {i: r["key"] for i, r in rows_by_id(sorted({o[0].id for o in ranked if o}), registry, ["key"]).items()}
     out: dict[str, list] = {k: [] for k in ("run_id", "sample_key", "top1_score", "top1_key", "top1_score_no_dups",

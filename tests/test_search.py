@@ -53,6 +53,13 @@ def test_every_output_exists_and_parses(demo):
     assert info["run_id"] == summary["run_id"] == "demo"
     assert 0 < info["index"]["estimated_recall"] <= 1
     assert info["coverage"]["samples_attempted"] == info["coverage"]["vectors_indexed"] == 400
+    # where the time went: every stage the demo runs, for the queries and for the baseline
+    for part, stages in (("queries", {"read", "embed", "candidates", "rows", "verification", "nl2", "duplicates",
+                                      "result_rows"}),
+                         ("baseline", {"read", "embed", "candidates", "rows", "verification", "duplicates"})):
+        seconds = info["stage_seconds"][part]
+        assert set(seconds) == stages and all(v >= 0 for v in seconds.values()), (part, seconds)
+        assert sum(seconds.values()) < info["seconds"]
     assert (run / "histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (run / "report.html").read_text()
     assert "novel-0" in html and "data:image/jpeg;base64," in html
@@ -379,8 +386,13 @@ def test_an_exif_rotated_query_is_searched_upright(demo, tmp_path):
     (queries / "upright.jpg").write_bytes(encode(image, "JPEG", quality=95))
     (queries / "turned.jpg").write_bytes(sideways_jpeg(image))
     image.transpose(Image.Transpose.ROTATE_90).save(queries / "sideways.jpg", quality=95)
-    run = Path(run_search(SearchConfig(queries=str(queries), index=str(demo["work"] / "index"), output=str(tmp_path),
-                                       run_id="exif", verify_top=2, top_k=3, baseline_size=8)).run_url)
+    # through the command line, which also says where the time went
+    r = CliRunner().invoke(app, ["search", "--queries", str(queries), "--index", str(demo["work"] / "index"),
+                                 "--output", str(tmp_path), "--run-id", "exif", "--verify-top", "2", "--top-k", "3",
+                                 "--baseline-size", "8", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "time by stage (queries): " in r.output and "time by stage (baseline): " in r.output, r.output
+    run = tmp_path / "run_id=exif"
     top1 = {m["query_key"]: m for m in table(run, "matches.parquet").to_pylist() if m["rank"] == 1}
     assert top1["upright"]["match_key"] == top1["turned"]["match_key"] == copy["source_key"]
     assert abs(top1["upright"]["similarity"] - top1["turned"]["similarity"]) < 0.02

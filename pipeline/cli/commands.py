@@ -164,6 +164,10 @@ def _search(config: str | None, quiet: bool, **kwargs: Any) -> None:
 
     result = run_search(SEARCH.config(kwargs, config), progress_for(quiet))
     print_summary(result.summary)
+    for part, seconds in result.stage_seconds.items():
+        if seconds:
+            spent = ", ".join(f"{k} {v:,.1f} s" for k, v in sorted(seconds.items(), key=lambda kv: -kv[1]))
+            click.echo(f"time by stage ({part}): {spent}")
     click.echo(f"results: {result.run_url}  ({', '.join((GALLERY, SUMMARY, MATCHES, QUERIES))})")
 
 

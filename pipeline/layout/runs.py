@@ -247,6 +247,9 @@ class RunRecord:
     blocklist: dict[str, Any] | None = None
     subset: dict[str, Any] | None = None
     pixels_fetched: int | None = None
+    #: wall seconds per stage, summed over the query batches ("queries") and the baseline
+    #: ("baseline"): where a run's time went
+    stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     #: query files that could not be read (skipped): [{"source", "error"}], the first 100
     unreadable_queries: list[dict[str, str]] = field(default_factory=list)
 
@@ -297,6 +300,8 @@ class BatchRecord:
     unreadable: list[list[str]] = field(default_factory=list)
     #: the baseline's share of samples found as themselves (index recall for exact copies)
     self_recall: float | None = None
+    #: wall seconds of each stage of the unit (read, embed, candidates, verification...)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
