@@ -416,10 +416,8 @@ def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) ->
     then candidates near the head of some single region's list (an object pasted into a new
     scene ranks high in its own region but may score low overall)."""
     pool = cands[:top]
+    pool += sorted((c for c in cands[top:] if np.isfinite(c.score_whole)), key=lambda c: -c.score_whole)[: top // 2]
     taken = {c.id for c in pool}
-    by_whole = sorted((c for c in cands[top:] if np.isfinite(c.score_whole)), key=lambda c: -c.score_whole)
-    pool += by_whole[: top // 2]
-    taken |= {c.id for c in pool}
     rest = sorted((c for c in cands[top:] if c.region_rank <= region_rank and c.id not in taken),
                   key=lambda c: (c.region_rank, -c.similarity))
     return pool + rest[: (5 * top) // 2 - len(pool)]

@@ -215,11 +215,10 @@ class Verifier:
         if not len(query):
             return empty, empty
         # One match per candidate keypoint: its closest query keypoint (the first on ties).
-        order = np.lexsort((query, best[query], train[query]))
-        query, first = query[order], np.ones(len(order), bool)
-        first[1:] = train[query][1:] != train[query][:-1]
-        query = query[first]
-        return q.points[query], c.points[train[query]]
+        query = query[np.lexsort((query, best[query], train[query]))]
+        matched = train[query]
+        first = np.r_[True, matched[1:] != matched[:-1]]
+        return q.points[query[first]], c.points[matched[first]]
 
     def _fit(self, qp: np.ndarray, cp: np.ndarray, q_scale: float) -> tuple[np.ndarray | None, np.ndarray]:
         cv2 = self.cv2
