@@ -179,23 +179,32 @@ def rescore(vectors: np.ndarray, owner: np.ndarray, cand: list[np.ndarray], fetc
     """For each query q (the rows of ``vectors`` with ``owner == q``) and its candidate ids
     ``cand[q]``: the exact best score over q's vectors, the row giving it (a region), and the
     score against q's first row (the whole image, when q's rows are its regions)."""
-    uniq = np.unique(np.concatenate([c for c in cand if len(c)] or [np.zeros(0, np.int64)]))
-    stored = fetch(uniq)
-    pos = {int(i): j for j, i in enumerate(uniq)}
+    import faiss
+
+    lengths = np.array([len(c) for c in cand], dtype=np.int64)
+    flat = np.concatenate([np.asarray(c, np.int64) for c in cand] or [np.zeros(0, np.int64)])
+    uniq, where = np.unique(flat, return_inverse=True)  # each stored vector fetched once
+    stored = np.ascontiguousarray(fetch(uniq), dtype=np.float32)
+    starts = np.r_[0, np.cumsum(lengths)]
+    by_owner = np.argsort(owner, kind="stable")  # each query's rows in order, found once
+    bounds = np.searchsorted(owner[by_owner], np.arange(len(cand) + 1))
+    # faiss scores each query row against stored rows by position: no gathered copy per query
+    by_idx = faiss.fvec_inner_products_by_idx if metric == "ip" else faiss.fvec_L2sqr_by_idx
     out = []
-    for q, ids in enumerate(cand):
-        rows = np.nonzero(owner == q)[0]
-        if len(ids) == 0 or len(rows) == 0:
+    for q in range(len(cand)):
+        rows = by_owner[bounds[q]:bounds[q + 1]]
+        if lengths[q] == 0 or len(rows) == 0:
             out.append((np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)))
             continue
-        v = stored[[pos[int(i)] for i in ids]]
-        if metric == "ip":
-            s = v @ vectors[rows].T  # (candidates, regions)
-        else:
-            s = -((v[:, None, :] - vectors[rows][None]) ** 2).sum(-1)
-        best = s.argmax(axis=1)
-        out.append((s[np.arange(len(ids)), best].astype(np.float32), rows[best].astype(np.int64),
-                    s[:, 0].astype(np.float32)))
+        x = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+        pos = np.ascontiguousarray(np.broadcast_to(where[starts[q]:starts[q + 1]], (len(rows), lengths[q])))
+        s = np.empty(pos.shape, dtype=np.float32)  # (regions, candidates)
+        by_idx(faiss.swig_ptr(s), faiss.swig_ptr(x), faiss.swig_ptr(stored), faiss.swig_ptr(pos),
+               x.shape[1], len(rows), int(lengths[q]))
+        if metric != "ip":
+            s = -s
+        best = s.argmax(axis=0)
+        out.append((s[best, np.arange(s.shape[1])], rows[best].astype(np.int64), s[0].copy()))
     return out
 
 
