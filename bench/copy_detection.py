@@ -269,74 +269,117 @@ def _verify_init(corpus_jpeg: list[bytes], method: str) -> None:
     _WORKER.update(corpus=corpus_jpeg, verifier=Verifier(method=method), cache={})
 
 
-def _verify_query(args) -> tuple[int, float, dict]:
-    """One query against the pool members not verified yet, as search's verification task does;
-    CPU seconds per step (candidate features cached per worker, their cost counted once per image)."""
-    qi, query, pool = args
+def _verify_query(args) -> tuple[int, str, float, dict]:
+    """One query against the pool members not verified yet on ``channel``, as search's
+    verification task does; CPU seconds per step (candidate features cached per worker, their
+    cost counted once per image)."""
+    qi, query, pool, channel = args
     v, cache = _WORKER["verifier"], _WORKER["cache"]
     t0 = time.process_time()
-    qf = v.features(query, query=True)
+    qf = v.features(query, query=True, channel=channel)
     query_s = time.process_time() - t0
     out = {}
     for c in pool:
-        if c not in cache:
+        if (c, channel) not in cache:
             t0 = time.process_time()
             im = devset.flatten(Image.open(io.BytesIO(_WORKER["corpus"][c])))
-            cache[c] = (v.features(im), im.size, time.process_time() - t0)
+            cache[c, channel] = (v.features(im, channel=channel), im.size, time.process_time() - t0)
         t0 = time.process_time()
-        r = v.verify(qf, cache[c][0])
-        out[c] = ((r.inliers, r.matches, r.score, r.query_box, r.candidate_box, cache[c][1]),
-                  time.process_time() - t0, cache[c][2])
-    return qi, query_s, out
+        r = v.verify(qf, cache[c, channel][0])
+        out[c] = ((r.inliers, r.matches, r.score, r.query_box, r.candidate_box, cache[c, channel][1]),
+                  time.process_time() - t0, cache[c, channel][2])
+    return qi, channel, query_s, out
 
 
 def verifier_settings() -> str:
-    """A short digest of the verifier's default settings: a pair's result depends only on its two
-    images and these, so cached results are reused until they change."""
+    """A short digest of the verifier's default settings: a pair's result on a channel depends
+    only on its two images and these, so cached results are reused until they change. How many
+    pairs are retried on the value channel is applied to cached results, so it is left out."""
     import hashlib
     import inspect
 
     from pipeline.verify import Verifier
 
-    return hashlib.sha256(str(inspect.signature(Verifier.__init__)).encode()).hexdigest()[:10]
+    sig = inspect.signature(Verifier.__init__)
+    sig = sig.replace(parameters=[p for n, p in sig.parameters.items() if not n.startswith("colour_retr")])
+    return hashlib.sha256(str(sig).encode()).hexdigest()[:10]
 
 
 def verify_pools(ds: Dataset, cands: list[list[Candidate]], method: str, workers: int, cache_file: Path | None):
-    """Verify each query's search pool (pipeline.search.verification_pool), in place. Results are
-    cached on disk per pair: a changed pool verifies only its new members."""
+    """Verify each query's search pool (pipeline.search.verification_pool) in place, as
+    ``Verifier.verify_many`` does: luma first, then the first ``colour_retries`` failures again on
+    the value channel. Results are cached on disk per pair and channel: a changed pool verifies
+    only its new members."""
+    from pipeline.verify import Verifier, value_thumbnail
+
+    verifier = Verifier(method=method)
+    retries, min_corr = verifier.colour_retries, verifier.colour_retry_min_corr
     pools = [verification_pool(c, VERIFY_TOP) for c in cands]
     cached = {"pairs": {}, "query_s": {}, "candidate_s": {}}
     if cache_file and cache_file.exists():
         cached = pickle.loads(cache_file.read_bytes())
-    todo = [(qi, ds.queries[qi], [c.id for c in p if (qi, c.id) not in cached["pairs"]]) for qi, p in enumerate(pools)]
-    todo = [t for t in todo if t[2]]
-    if todo:
+    for key in ("value_pairs", "value_query_s", "value_candidate_s"):
+        cached.setdefault(key, {})
+    prefix = {"luma": "", "value": "value_"}
+
+    def run(todo: list, channel: str) -> None:
+        todo = [t for t in todo if t[2]]
+        if not todo:
+            return
         with ProcessPoolExecutor(workers, initializer=_verify_init, initargs=(ds.corpus_jpeg, method)) as ex:
-            for qi, query_s, out in ex.map(_verify_query, todo, chunksize=4):
-                cached["query_s"][qi] = query_s
+            for qi, ch, query_s, out in ex.map(_verify_query, [t + (channel,) for t in todo], chunksize=4):
+                cached[prefix[ch] + "query_s"][qi] = query_s
                 for c, (result, match_s, features_s) in out.items():
-                    cached["pairs"][(qi, c)] = (result, match_s)
-                    cached["candidate_s"].setdefault(c, features_s)
+                    cached[prefix[ch] + "pairs"][(qi, c)] = (result, match_s)
+                    cached[prefix[ch] + "candidate_s"].setdefault(c, features_s)
         if cache_file:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_bytes(pickle.dumps(cached))
+
+    run([(qi, ds.queries[qi], [c.id for c in p if (qi, c.id) not in cached["pairs"]]) for qi, p in enumerate(pools)],
+        "luma")
+    thumbs: dict = {}
+
+    def thumb(key):  # value thumbnails of queries ("q", i) and corpus images ("c", i)
+        if key not in thumbs:
+            kind, i = key
+            im = ds.queries[i] if kind == "q" else devset.flatten(Image.open(io.BytesIO(ds.corpus_jpeg[i])))
+            thumbs[key] = value_thumbnail(im)
+        return thumbs[key]
+
+    def retried_of(qi: int, pool: list[Candidate]) -> list[int]:  # as Verifier.verify_many picks them
+        corr = {c.id: float(thumb(("q", qi)) @ thumb(("c", c.id))) for c in pool if not cached["pairs"][(qi, c.id)][0][2]}
+        return sorted((c for c, r in corr.items() if r >= min_corr), key=lambda c: -corr[c])[:retries]
+
+    retried = [retried_of(qi, p) if retries else [] for qi, p in enumerate(pools)]
+    run([(qi, ds.queries[qi], [c for c in r if (qi, c) not in cached["value_pairs"]]) for qi, r in enumerate(retried)],
+        "value")
     qf, mt, sizes, per_query = [], [], [], []
     cf = np.mean(list(cached["candidate_s"].values()))
+    cf_value = np.mean(list(cached["value_candidate_s"].values())) if cached["value_candidate_s"] else 0.0
+    rescued = 0
     for qi, pool in enumerate(pools):
         matched = []
         for c in pool:
-            (inliers, matches, score, qbox, cbox, size), match_s = cached["pairs"][(qi, c.id)]
+            result, match_s = cached["pairs"][(qi, c.id)]
+            if c.id in retried[qi]:
+                again, value_s = cached["value_pairs"][(qi, c.id)]
+                match_s += value_s + cf_value
+                if again[2]:
+                    result, rescued = again, rescued + 1
+            inliers, matches, score, qbox, cbox, size = result
             c.inliers, c.matches, c.verify_score, c.query_box, c.match_box = inliers, matches, score, qbox, cbox
             c.candidate_size = size
             matched.append(match_s)
         if pool:
-            qf.append(cached["query_s"][qi])
+            qf.append(cached["query_s"][qi] + (cached["value_query_s"][qi] if retried[qi] else 0.0))
             per_query.append(qf[-1] + cf * len(pool) + sum(matched))
         mt += matched
         sizes.append(len(pool))
     per_query = np.asarray(per_query)
     return pools, {
         "method": method, "queries": len(pools), "pairs": len(mt), "pool_mean": round(float(np.mean(sizes)), 1),
+        "colour_retries": retries, "pairs_retried": sum(len(r) for r in retried), "pairs_rescued": rescued,
         "query_features_cpu_ms": round(1000 * float(np.mean(qf)), 1),
         "candidate_features_cpu_ms": round(1000 * float(cf), 1),
         "match_cpu_ms": round(1000 * float(np.mean(mt)), 1),

@@ -16,7 +16,9 @@ Global descriptors rank candidates; this module checks a short list of them geom
    ``min_inlier_ratio`` of the tentative matches (chance fits among many ambiguous matches
    reach a dozen inliers, but at a low ratio);
 4. unless the direct attempt is clearly a copy, the mirrored query is tried too (copies are
-   often flipped) and the better accepted attempt is kept;
+   often flipped) and the better accepted attempt is kept; in :meth:`Verifier.verify_many`, the
+   first ``colour_retries`` candidates that still fail are tried once more on the value channel
+   (the largest of R, G and B, which a hue rotation keeps while it can invert luma contrast);
 5. the matched region is where the aligned images agree: the candidate is warped onto the
    query and the local normalised cross-correlation marks the pixels that match; the query
    box is the bounding box of the agreeing area connected to the inliers (never smaller than
@@ -98,13 +100,18 @@ def _clahe():
     return _CLAHE
 
 
-def _grey_array(image: Image.Image, max_side: int) -> tuple[np.ndarray, float]:
+def _grey_array(image: Image.Image, max_side: int, channel: str = "luma") -> tuple[np.ndarray, float]:
+    """The working image: luma, or ``value`` (the largest of R, G and B, which a hue rotation
+    keeps), scaled and equalised."""
     w, h = image.size
     scale = min(1.0, max_side / max(w, h))
     # Small images are enlarged a little: detectors need some pixels to work with.
     if max(w, h) * scale < 256:
         scale = 256 / max(w, h)
-    g = image.convert("L")
+    if channel == "value" and image.mode == "RGB":
+        g = Image.fromarray(np.asarray(image).max(axis=2))
+    else:
+        g = image.convert("L")
     if scale != 1.0:
         g = g.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
     # Local contrast equalisation: low-contrast photos (medical, hazy, dark) get keypoints too,
@@ -142,6 +149,8 @@ class Verifier:
         try_flip: bool = True,
         refine_box: bool = True,
         time_budget_s: float = 1.0,
+        colour_retries: int = 3,
+        colour_retry_min_corr: float = 0.7,
     ):
         import cv2
 
@@ -155,6 +164,7 @@ class Verifier:
         self.ratio, self.model, self.ransac_px, self.max_iters = ratio, model, ransac_px, max_iters
         self.min_inliers, self.min_inlier_ratio, self.score_scale = min_inliers, min_inlier_ratio, score_scale
         self.try_flip, self.refine_box, self.time_budget_s = try_flip, refine_box, time_budget_s
+        self.colour_retries, self.colour_retry_min_corr = colour_retries, colour_retry_min_corr
         if method == "orb":
             def orb(n: int):
                 return cv2.ORB_create(nfeatures=n, scaleFactor=1.2, nlevels=8, fastThreshold=fast_threshold)
@@ -175,8 +185,8 @@ class Verifier:
 
     # -- features ----------------------------------------------------------------------
 
-    def _detect(self, image: Image.Image, detector, max_side: int) -> Features:
-        grey, scale = _grey_array(image, max_side)
+    def _detect(self, image: Image.Image, detector, max_side: int, channel: str = "luma") -> Features:
+        grey, scale = _grey_array(image, max_side, channel)
         kps, desc = detector.detectAndCompute(grey, None)
         if desc is None or len(kps) == 0:
             return Features(np.zeros((0, 2), np.float32), None, image.size, scale, grey)
@@ -185,16 +195,16 @@ class Verifier:
         pts = np.array([k.pt for k in kps], dtype=np.float32) / scale
         return Features(pts, desc, image.size, scale, grey)
 
-    def features(self, image: Image.Image, query: bool = False) -> Features:
+    def features(self, image: Image.Image, query: bool = False, channel: str = "luma") -> Features:
         """Features of a candidate, or of a query (more keypoints, plus those of its mirror
-        image when ``try_flip``)."""
+        image when ``try_flip`` and the channel is luma), on the ``luma`` or ``value`` channel."""
         from pipeline.embedders.base import to_rgb
 
         image = image if image.mode == "L" else to_rgb(image)
         if not query:
-            return self._detect(image, self.detector, self.candidate_max_side)
-        f = self._detect(image, self.query_detector, self.max_side)
-        if self.try_flip:
+            return self._detect(image, self.detector, self.candidate_max_side, channel)
+        f = self._detect(image, self.query_detector, self.max_side, channel)
+        if self.try_flip and channel == "luma":
             f.mirrored = self._detect(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), self.query_detector,
                                       self.max_side)
         return f
@@ -344,9 +354,39 @@ class Verifier:
         )
 
     def verify_many(self, query: Image.Image, candidates: list[Image.Image | Features]) -> list[Verification]:
-        """One query against several candidates; the query's features are computed once."""
+        """One query against several candidates (best first); the query's features are computed
+        once. Of the candidate images that fail on luma, those whose value thumbnails correlate
+        with the query's (:func:`value_thumbnail`, at least ``colour_retry_min_corr``) are tried
+        again on the value channel, the ``colour_retries`` most correlated: a hue rotation can invert
+        luma contrast (yellow on blue becomes blue on yellow) and leave too few matching
+        keypoints, but keeps each pixel's largest channel. The correlation keeps the retries to
+        plausible recolourings (on the validation split's real images no retry was needed, and
+        ungated they cost 0.5 s of CPU per query)."""
         q = self.features(query, query=True)
-        return [self.verify(q, c) for c in candidates]
+        out = [self.verify(q, c) for c in candidates]
+        failed = [j for j, v in enumerate(out) if not v.verified and isinstance(candidates[j], Image.Image)]
+        if failed and self.colour_retries:
+            thumb = value_thumbnail(query)
+            corr = {j: float(thumb @ value_thumbnail(candidates[j])) for j in failed}
+            failed = sorted((j for j in failed if corr[j] >= self.colour_retry_min_corr), key=lambda j: -corr[j])
+        q_value = None
+        for j in failed[: self.colour_retries]:
+            if q_value is None:
+                q_value = self.features(query, query=True, channel="value")
+            again = self.verify(q_value, self.features(candidates[j], channel="value"))
+            if again.verified:
+                out[j] = again
+        return out
+
+
+def value_thumbnail(image: Image.Image, side: int = 24) -> np.ndarray:
+    """The value channel (largest of R, G, B) at ``side`` x ``side``, zero-mean and unit-norm: two
+    images' thumbnails correlate (dot product) near 1 when one is the other recoloured."""
+    from pipeline.embedders.base import to_rgb
+
+    small = np.asarray(to_rgb(image).resize((side, side), Image.BILINEAR), dtype=np.float32).max(axis=2).ravel()
+    small -= small.mean()
+    return small / (np.linalg.norm(small) + 1e-6)
 
 
 def _two_nearest_l2(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

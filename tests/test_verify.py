@@ -118,6 +118,25 @@ def test_verify_many_and_precomputed_features(verifier):
     assert again.inliers == results[1].inliers
 
 
+def test_a_hue_rotation_that_inverts_luma_contrast_is_verified_on_the_value_channel():
+    """Flat colour scenes rotated in hue: on luma the shapes' contrast flips and too few
+    keypoints match; the retry on the value channel (max of R, G, B) finds the copy, and an
+    unrelated scene tried first stays unverified. Only candidates whose value thumbnails
+    correlate with the query's are retried."""
+    from pipeline.verify import value_thumbnail
+
+    luma_only, never_similar = Verifier(colour_retries=0), Verifier(colour_retry_min_corr=1.01)
+    for seed in (4, 11):
+        src = synthetic.scene(1000 + seed)
+        query = synthetic.apply_edit("colour", src, seed=seed)
+        assert not luma_only.verify_many(query, [src])[0].verified
+        assert not never_similar.verify_many(query, [src])[0].verified
+        unrelated, copied = Verifier().verify_many(query, [synthetic.scene(5), src])
+        assert not unrelated.verified and copied.verified
+        assert value_thumbnail(query) @ value_thumbnail(src) > 0.7 > value_thumbnail(query) @ value_thumbnail(
+            synthetic.scene(5))
+
+
 def test_module_level_verify_and_tiny_images():
     src = synthetic.scene(80, (300, 240))
     assert verify(synthetic.apply_edit("jpeg", src, seed=1), src).verified
