@@ -229,18 +229,32 @@ def merge_regions(owner, n_owners: int, scores: np.ndarray, ids: np.ndarray) -> 
     return per_query
 
 
+#: the whole image's own nearest neighbours that reach the exact rescoring whatever its regions bring
+WHOLE_IMAGE_CANDIDATES = 10
+
+
 def candidate_search(vecs, owner, n_owners, searcher, source, cfg: SearchConfig, depth: int) -> list[dict[int, Candidate]]:
     """Per query: its best ``depth`` corpus images, rescored exactly.
 
     Every query vector (region) brings its ANN candidates; a corpus image keeps its best ANN score
-    over the query's regions and its best rank in any one region's list; the ``depth`` best go
-    to the exact rescoring next to the index shards, which scores each against all the query's
-    regions (the best one wins). ``depth`` counts images per query, not per region.
+    over the query's regions and its best rank in any one region's list; the whole image's own
+    best ``WHOLE_IMAGE_CANDIDATES`` (at most a tenth of ``depth``) and then the best by that
+    score, ``depth`` in all, go to the
+    exact rescoring next to the index shards, which scores each against all the query's regions
+    (the best one wins). ``depth`` counts images per query, not per region.
     """
     k = cfg.candidates if len(owner) > n_owners else max(cfg.candidates, depth)
     ann_scores, ann_ids = searcher.search(vecs, k)
     per_query = merge_regions(owner, n_owners, ann_scores, ann_ids)
-    cand = [np.array(sorted(found, key=lambda i: (-found[i][0], i))[:depth], np.int64) for found in per_query]
+    # A recoloured or rotated copy can score lower as a whole than regions of other images do,
+    # and fall past the depth; its own list keeps it (the verification pool takes it from there).
+    first_row = {int(q): r for r, q in reversed(list(enumerate(owner)))}
+    n_whole = min(WHOLE_IMAGE_CANDIDATES, max(1, depth // 10))
+    cand = []
+    for q, found in enumerate(per_query):
+        whole = [i for i in ann_ids[first_row[q]][:n_whole].tolist() if i >= 0] if q in first_row else []
+        ranked = sorted(found, key=lambda i: (-found[i][0], i))
+        cand.append(np.array(list(dict.fromkeys(whole + ranked))[:depth], np.int64))
     exact = searcher.rescore(vecs, owner, cand, fallback=source)
     return [{int(i): Candidate(int(i), float(found[int(i)][0]), float(s), int(r), region_rank=found[int(i)][1],
                                score_whole=float(w))

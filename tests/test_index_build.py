@@ -115,6 +115,31 @@ def test_rescoring_gives_each_candidate_its_best_region_and_the_whole_image_scor
         np.testing.assert_allclose(got[q][2], s[:, 0], atol=1e-4)
 
 
+def test_the_whole_images_own_neighbours_reach_the_rescoring_whatever_its_regions_bring(built):
+    """A query whose regions match other corpus images exactly and whose whole image resembles
+    image A only loosely: with room for 10 candidates, which the regions' matches and their
+    neighbours outscore, A (the whole image's nearest) still gets one, rescored against the
+    whole image."""
+    from pipeline.config import SearchConfig
+    from pipeline.search import candidate_search
+
+    corpus, cfg, manifest, reg, x, ids, queries = built
+    rng = np.random.default_rng(4)
+    a = 17
+    whole = x[a] + 0.9 * np.linalg.norm(x[a]) * rng.standard_normal(x.shape[1]) / np.sqrt(x.shape[1])
+    vecs = np.vstack([whole / np.linalg.norm(whole), x[[100, 900, 1700, 2500, 3300]]]).astype(np.float32)
+    owner = np.zeros(len(vecs), np.int64)
+    with IndexSearcher(index_of(cfg), use_ray=False) as searcher:
+        _, nearest = searcher.search(vecs[:1], 1)
+        found = candidate_search(vecs, owner, 1, searcher, None, SearchConfig(candidates=20), depth=10)[0]
+    a_id = int(nearest[0, 0])
+    assert len(found) == 10 and a_id in found
+    # by the merged score alone it would have had no place: the 9 others all outscore it
+    assert all(c.score_index > found[a_id].score_index for i, c in found.items() if i != a_id)
+    assert found[a_id].region == 0
+    assert found[a_id].score_whole == pytest.approx(float(vecs[0] @ x[ids == a_id][0]), abs=2e-3)
+
+
 def test_ids_round_trip_to_parquet_rows(built):
     corpus, cfg, manifest, reg, x, ids, queries = built
     with IndexSearcher(index_of(cfg), use_ray=False) as s:
