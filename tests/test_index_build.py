@@ -87,6 +87,13 @@ def test_side_files_read_the_same_rows_from_local_disk_and_from_s3(tmp_path, s3_
     # ranges: shard 0 rows 0-1 and 49; shard 1 rows 10-13 (gaps <= 4 rows) and 40; shard 7 row 3 once
     assert ranged.requests == 5
     assert SideFileVectors(local, 8).fetch(np.zeros(0, np.int64)).shape == (0, 8)
+    # a truncated side file is named, not read past its end
+    from pipeline.errors import MismatchError
+
+    for folder in (local, remote):
+        folder.write_bytes(vectors_name(1), stored[1][:12].tobytes())
+        with pytest.raises(MismatchError, match=r"000000001.f16 holds 12 vectors .* row (13|40) "):
+            SideFileVectors(folder, 8).fetch(ids)
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from pipeline.errors import MismatchError
 from pipeline.index.registry import Registry, decode_ids, fetch_rows
 from pipeline.layout.index import IndexFolder, Manifest, vectors_name
 from pipeline.storage import Folder
@@ -64,7 +65,10 @@ class SideFileVectors:
         if self.folder.local:
             cuts = np.flatnonzero(np.diff(shards)) + 1
             for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(order)]):
-                out[order[lo:hi]] = self._mapped(int(shards[lo]))[rows[lo:hi]]
+                mapped = self._mapped(int(shards[lo]))
+                if rows[hi - 1] >= len(mapped):  # rows are sorted: the last is the largest
+                    self._short(int(shards[lo]), len(mapped), int(rows[hi - 1]))
+                out[order[lo:hi]] = mapped[rows[lo:hi]]
             self.requests += len(cuts) + 1
             self.bytes_read += len(ids) * self.dim * 2
         else:
@@ -81,6 +85,11 @@ class SideFileVectors:
         self._maps[number] = arr
         return arr
 
+    def _short(self, number: int, rows: int, asked: int) -> None:
+        raise MismatchError(f"side file {self.folder.child(vectors_name(number))} holds {rows} vectors of dim "
+                            f"{self.dim}, but row {asked} was asked for: the file is truncated or from another "
+                            "index; rebuild the index (`replica index build` into a new folder)")
+
     def _ranged(self, shards: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Sorted (shard, row) pairs -> vectors: one ranged read per run of nearby rows of a shard,
         all runs sent in one batched call."""
@@ -91,9 +100,11 @@ class SideFileVectors:
         start_row, end_row = rows[first], rows[last] + 1
         paths = [self.folder.fs_path(vectors_name(int(s))) for s in shards[first]]
         blobs = self.folder.fs.cat_ranges(paths, (start_row * vb).tolist(), (end_row * vb).tolist())
-        for blob in blobs:
+        for blob, s, lo, hi in zip(blobs, shards[first], start_row, end_row):
             if isinstance(blob, Exception):
                 raise blob
+            if len(blob) != (hi - lo) * vb:
+                self._short(int(s), int(lo) + len(blob) // vb, int(hi) - 1)
         stacked = np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(-1, self.dim)
         run = np.cumsum(new_run) - 1
         base = np.r_[0, np.cumsum(end_row - start_row)[:-1]]
