@@ -31,6 +31,22 @@ class VectorSource(Protocol):
     def fetch(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 ids (no -1) -> (n, dim) float32 vectors, same order."""
 
+    def fetch_stored(self, ids: np.ndarray) -> np.ndarray:
+        """The same rows as stored (fp16): rescoring widens them a query at a time."""
+
+
+def widen(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """fp16 (or fp32) rows -> fp32, into ``out`` when given. torch's cast is vectorised (~0.6 ns
+    per value here); numpy's runs at ~2.3 ns, most of a shard's rescoring at 800 x 512-d."""
+    import torch
+
+    if not rows.flags.writeable or not rows.flags.c_contiguous:  # torch takes only such arrays
+        rows = np.array(rows)
+    if out is None:
+        out = np.empty(rows.shape, np.float32)
+    torch.from_numpy(out).copy_(torch.from_numpy(rows))
+    return out
+
 
 class SideFileVectors:
     """fp16 side files in ``folder`` (the index's vectors folder, or a local copy of some of it).
@@ -56,8 +72,11 @@ class SideFileVectors:
         return {**self.__dict__, "_maps": OrderedDict()}  # maps are reopened, never shipped
 
     def fetch(self, ids: np.ndarray) -> np.ndarray:
+        return widen(self.fetch_stored(ids))
+
+    def fetch_stored(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        out = np.empty((len(ids), self.dim), dtype=np.float16)
         if len(ids) == 0:
             return out
         order = np.argsort(ids, kind="stable")  # by shard, then row
@@ -120,14 +139,17 @@ class ParquetVectors:
         self.threads = threads
 
     def fetch(self, ids: np.ndarray) -> np.ndarray:
+        return widen(self.fetch_stored(ids))
+
+    def fetch_stored(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         if len(ids) == 0:
-            return np.zeros((0, self.dim), np.float32)
+            return np.zeros((0, self.dim), np.float16)
         table = fetch_rows(ids, self.registry, columns=["embedding"], threads=self.threads)
         col = table.column("embedding").combine_chunks()
         # .values keeps the slots of null rows (flatten() would drop them and misalign)
         flat = col.values.to_numpy(zero_copy_only=False)[col.offset * self.dim : (col.offset + len(col)) * self.dim]
-        out = flat.reshape(len(col), self.dim).astype(np.float32)
+        out = np.array(flat.reshape(len(col), self.dim), dtype=np.float16)
         if col.null_count:  # rows that were never embedded (not in the index): zeros
             out[~col.is_valid().to_numpy(zero_copy_only=False)] = 0
         return out

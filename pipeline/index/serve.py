@@ -166,7 +166,7 @@ class ShardSet:
     def rescore(self, vectors: np.ndarray, owner: np.ndarray, cand: list[np.ndarray]) -> list[Rescored]:
         """Exact scores of candidates held here: per query, (best score over its vectors, which
         vector, score against its first vector)."""
-        return rescore(vectors, owner, cand, self.vectors.fetch, self.metric)
+        return rescore(vectors, owner, cand, self.vectors.fetch_stored, self.metric)
 
 
 #: per query: each candidate's best exact score over the query's vectors, the vector (row) giving
@@ -181,26 +181,35 @@ def rescore(vectors: np.ndarray, owner: np.ndarray, cand: list[np.ndarray], fetc
     score against q's first row (the whole image, when q's rows are its regions)."""
     import faiss
 
+    from pipeline.index.rerank import widen
+
     lengths = np.array([len(c) for c in cand], dtype=np.int64)
     flat = np.concatenate([np.asarray(c, np.int64) for c in cand] or [np.zeros(0, np.int64)])
     uniq, where = np.unique(flat, return_inverse=True)  # each stored vector fetched once
-    stored = np.ascontiguousarray(fetch(uniq), dtype=np.float32)
+    stored = fetch(uniq)  # as stored (fp16): widened a query at a time below
     starts = np.r_[0, np.cumsum(lengths)]
     by_owner = np.argsort(owner, kind="stable")  # each query's rows in order, found once
     bounds = np.searchsorted(owner[by_owner], np.arange(len(cand) + 1))
-    # faiss scores each query row against stored rows by position: no gathered copy per query
+    # one query's candidates are gathered and widened into buffers reused across queries: they
+    # stay in cache, where widening the whole batch at once cost a page fault per 4 KiB of output
+    longest = int(lengths.max()) if len(lengths) else 0
+    gathered = np.empty((longest, stored.shape[1]), stored.dtype)
+    wide = np.empty((longest, stored.shape[1]), np.float32)
     by_idx = faiss.fvec_inner_products_by_idx if metric == "ip" else faiss.fvec_L2sqr_by_idx
     out = []
     for q in range(len(cand)):
         rows = by_owner[bounds[q]:bounds[q + 1]]
-        if lengths[q] == 0 or len(rows) == 0:
+        n = int(lengths[q])
+        if n == 0 or len(rows) == 0:
             out.append((np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)))
             continue
         x = np.ascontiguousarray(vectors[rows], dtype=np.float32)
-        pos = np.ascontiguousarray(np.broadcast_to(where[starts[q]:starts[q + 1]], (len(rows), lengths[q])))
+        np.take(stored, where[starts[q]:starts[q + 1]], axis=0, out=gathered[:n])
+        y = widen(gathered[:n], wide[:n])
+        pos = np.ascontiguousarray(np.broadcast_to(np.arange(n, dtype=np.int64), (len(rows), n)))
         s = np.empty(pos.shape, dtype=np.float32)  # (regions, candidates)
-        by_idx(faiss.swig_ptr(s), faiss.swig_ptr(x), faiss.swig_ptr(stored), faiss.swig_ptr(pos),
-               x.shape[1], len(rows), int(lengths[q]))
+        by_idx(faiss.swig_ptr(s), faiss.swig_ptr(x), faiss.swig_ptr(y), faiss.swig_ptr(pos),
+               x.shape[1], len(rows), n)
         if metric != "ip":
             s = -s
         best = s.argmax(axis=0)
@@ -302,7 +311,7 @@ class IndexSearcher:
         """
         vectors = self._check(vectors)
         if not self.rerank_in_shards:
-            return rescore(vectors, owner, cand, fallback.fetch, self.metric)
+            return rescore(vectors, owner, cand, fallback.fetch_stored, self.metric)
         if self._local is not None:
             return self._local.rescore(vectors, owner, cand)
         import ray
