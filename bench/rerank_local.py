@@ -8,8 +8,9 @@ does for each query: fetch the stored vectors of ``--depth`` candidate ids and s
 (``pipeline.index.serve.rescore`` over ``SideFileVectors``). Candidates are drawn uniformly over
 the corpus, like ANN candidates of a corpus stored in random order. Queries go in batches of
 ``--batch`` (the search sends a batch of queries to each shard actor). Reports milliseconds per
-query and per 1,000 candidates (median of 3 passes over different candidates), then removes the
-files unless ``--keep``. One thread (``OMP_NUM_THREADS=1``) unless threading is measured.
+query and per 1,000 candidates (median of ``--passes`` passes over different candidates; each
+pass maps the files afresh unless ``--warm``), then removes the files unless ``--keep``. One
+thread (``OMP_NUM_THREADS=1``) unless threading is measured.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.index.registry import encode_ids  # noqa: E402
-from pipeline.index.rerank import SideFileVectors  # noqa: E402
+from pipeline.index.rerank import SideFileVectors, widen  # noqa: E402
 from pipeline.index.serve import rescore  # noqa: E402
 from pipeline.layout.index import vectors_name  # noqa: E402
 from pipeline.storage import Folder  # noqa: E402
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=800, help="candidates rescored per query")
     ap.add_argument("--batch", type=int, default=1000, help="queries sent to the shard actor at once")
     ap.add_argument("--dir", default="/tmp/replica-rerank-local")
+    ap.add_argument("--passes", type=int, default=3, help="passes over fresh candidates; the median is reported")
+    ap.add_argument("--warm", action="store_true",
+                    help="keep one source mapped across passes, as a serving shard actor does (default: remap each pass)")
     ap.add_argument("--keep", action="store_true", help="leave the side files for another run")
     ap.add_argument("--out", default="bench/out/rerank_local.json")
     args = ap.parse_args()
@@ -76,11 +80,14 @@ def main() -> None:
     rng = np.random.default_rng(1)
     queries = rng.standard_normal((args.queries, args.dim), dtype=np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    widen(np.zeros((1, args.dim), np.float16))  # its lazy import (torch) is a serving actor's start-up cost
     passes = []
-    for _ in range(3):
+    source = SideFileVectors(Folder(str(folder)), args.dim)
+    for _ in range(args.passes):
         cand = [encode_ids(rng.integers(0, shards, args.depth), rng.integers(0, ROWS, args.depth))
                 for _ in range(args.queries)]
-        source = SideFileVectors(Folder(str(folder)), args.dim)
+        if not args.warm:
+            source = SideFileVectors(Folder(str(folder)), args.dim)
         t = time.perf_counter()
         for lo in range(0, args.queries, args.batch):
             hi = min(lo + args.batch, args.queries)
@@ -89,7 +96,7 @@ def main() -> None:
     seconds = float(np.median(passes))
     result = {
         "vectors": shards * ROWS, "dim": args.dim, "queries": args.queries, "depth": args.depth,
-        "batch": args.batch, "side_file_gb": round(shards * ROWS * args.dim * 2 / 1e9, 2),
+        "batch": args.batch, "warm": args.warm, "side_file_gb": round(shards * ROWS * args.dim * 2 / 1e9, 2),
         "write_seconds": round(write_s, 1), "pass_seconds": [round(p, 3) for p in passes],
         "ms_per_query": round(seconds / args.queries * 1000, 3),
         "ms_per_1000_candidates": round(seconds / (args.queries * args.depth) * 1e6, 3),
