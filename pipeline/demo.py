@@ -218,7 +218,7 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     progress.log(f"counted {counted.rows_with_caption} captions: {counted.distinct_captions} distinct, "
                  f"{counted.distinct_normalized} after normalisation")
     # A corpus this small trains OPQ slowly for no gain: plain IVF-PQ, exact rerank restores scores.
-    nlist = default_nlist(s.embedded)
+    nlist = default_nlist(cfg.corpus_size)  # the whole corpus, not this run's new rows: a rerun embeds none
     run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"),
                           factory=f"IVF{nlist},PQ32x8"), progress)
 
