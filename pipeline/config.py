@@ -255,7 +255,8 @@ class IndexConfig:
     tune: bool = True
     #: corpus vectors drawn as tuning queries (their exact top-10 is a scan of every stored vector)
     tune_queries: int = 1000
-    #: recall@10 after the exact rerank that the tuned settings must reach
+    #: recall@10 after the exact rerank that the tuned settings must reach, with two standard
+    #: errors of the tuning sample to spare (so queries the tuning never saw reach it too)
     target_recall: float = 0.95
     #: a build retunes when the index grew by more than this fraction since the last tuning
     retune_growth: float = 0.10

@@ -11,7 +11,7 @@ from index_helpers import brute_force, config, index_of, make_corpus, registry_o
 from pipeline.cli import app
 from pipeline.index.build import run_build
 from pipeline.index.serve import IndexSearcher
-from pipeline.index.tune import TIMING_NOISE, cheapest, run_tune
+from pipeline.index.tune import TIMING_NOISE, cheapest, reaches, run_tune
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_tuning_is_recorded_and_chooses_the_cheapest_point_that_reaches_the_targ
     assert full["recall"] >= 0.99
     # the point chosen reaches the target, and of each depth's fewest lists that reach it
     # (timed again at the k search asks for) nothing was cheaper
-    reaching = [c for c in tuning.curve if c["recall"] >= cfg.target_recall]
+    reaching = [c for c in tuning.curve if reaches(c, cfg.target_recall)]
     assert tuning.reached and reaching
     timed = [c for c in tuning.curve if c.get("timed_at_depth")]
     assert sorted((c["rerank_depth"], c["nprobe"]) for c in timed) == [
@@ -102,3 +102,10 @@ def test_near_equal_timings_go_to_the_fewest_lists_probed():
     assert cheapest(points)["nprobe"] == 128
     assert cheapest(points[:1])["nprobe"] == 64
 
+
+
+def test_a_point_reaches_the_target_only_with_two_standard_errors_to_spare():
+    """A 10M run's tuned point had recall 0.9526 on its tuning sample and 0.948 on held-out queries."""
+    assert not reaches({"recall": 0.9526, "recall_se": 0.0035}, 0.95)
+    assert reaches({"recall": 0.9625, "recall_se": 0.0030}, 0.95)
+    assert reaches({"recall": 0.95, "recall_se": 0.0}, 0.95)  # exact on every query: no noise to allow for
