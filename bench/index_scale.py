@@ -364,10 +364,13 @@ def main() -> None:
                 "scan_ns_per_code_per_core_at_depth": round(ann_s * 1e9 * args.threads / max(codes, 1), 2)}
 
     # the first pass reads the side files from disk where the brute-force scan pushed them out of
-    # the page cache; a serving shard actor runs warm, so the second pass is the figure
+    # the page cache; a serving shard actor runs warm, so the warm passes are the figure: the
+    # median of three by end-to-end rate (other work on shared cores slows single passes)
     result["at_tuned_settings_first_pass"] = measure(tuned_nprobe, depth)
     log(json.dumps(result["at_tuned_settings_first_pass"]))
-    result["at_tuned_settings"] = measure(tuned_nprobe, depth)
+    warm = sorted((measure(tuned_nprobe, depth) for _ in range(3)), key=lambda m: m["end_to_end_qps_per_core"])
+    result["at_tuned_settings"] = {**warm[1], "warm_passes_end_to_end_qps_per_core":
+                                   [m["end_to_end_qps_per_core"] for m in warm], "loadavg": os.getloadavg()}
     log(json.dumps(result["at_tuned_settings"]))
     sweep = []
     for nprobe in [int(x) for x in args.nprobes.split(",")]:
