@@ -62,9 +62,9 @@ class EmbedderConfig:
     query_region_scales: list[float] = field(default_factory=lambda: [0.75, 0.6, 0.5, 0.4])
     #: default embedder, query side: window stride as a fraction of the window size
     query_region_step: float = 0.33
-    #: default embedder, query side: windows centred on objects (regions whose colours differ from their
-    #: surroundings) embedded besides the grid; 0 = grid only
-    query_object_regions: int = 0
+    #: default embedder, query side: windows centred on objects embedded besides the grid, half whose four
+    #: sides run along edges, half whose colours differ from their surroundings; 0 = grid only
+    query_object_regions: int = 16
 
 
 @dataclass

@@ -195,8 +195,11 @@ def test_embed_regions_boxes_and_vectors(emb):
     img = synthetic.scene(8, (448, 336))
     vecs, boxes = emb.embed_regions(img)
     assert boxes[0] == (0, 0, 448, 336)
-    assert len(boxes) == len(set(boxes)) == len(vecs) == len(region_boxes(448, 336))
+    grid = region_boxes(448, 336)
+    assert boxes[:len(grid)] == grid and len(boxes) == len(set(boxes)) == len(vecs) <= len(grid) + 16
     assert all(0 <= x0 < x1 <= 448 and 0 <= y0 < y1 <= 336 for x0, y0, x1, y1 in boxes)
+    grid_only = DefaultDescriptor(EmbedderConfig(query_object_regions=0))
+    assert grid_only.embed_regions(img)[1] == grid
     assert float(vecs[0] @ emb.embed_images([img])[0]) > 0.99  # the whole image, resampled once more
     whole_only = DefaultDescriptor(EmbedderConfig(query_region_scales=[]))
     v1, b1 = whole_only.embed_regions(img)
@@ -281,6 +284,25 @@ def test_object_windows_find_an_object_pasted_through_its_alpha():
         iou = max(_iou(b, box) for b in boxes)
         hits += iou >= 0.5
     assert hits >= 4, hits
+
+
+def test_boundary_windows_fit_a_pasted_picture_tightly():
+    """A rectangular picture pasted into a scene (a framed painting, a page, a screen): one of
+    the boundary cue's windows fits it with IoU >= 0.85, where the grid's best window does not."""
+    from pipeline.embedders.regions import boundary_boxes, object_boxes
+
+    rng = np.random.default_rng(11)
+    tight, grid_tight = 0, 0
+    for k in range(6):
+        picture = synthetic.scene(900 + k, (300, 220))
+        query, box = synthetic.paste_object(picture, synthetic.scene(800 + k, (448, 336)), rng)
+        boxes = boundary_boxes(query, 4)
+        assert 0 < len(boxes) <= 4 and all(0 <= b[0] < b[2] <= 448 and 0 <= b[1] < b[3] <= 336 for b in boxes)
+        tight += max(_iou(b, box) for b in boxes) >= 0.85
+        grid_tight += max(_iou(b, box) for b in region_boxes(448, 336)) >= 0.85
+        both = object_boxes(query, 8)
+        assert boxes == both[:4] and len(both) == len(set(both)) <= 8
+    assert tight >= 5 and grid_tight <= 2, (tight, grid_tight)
 
 
 def _iou(a, b) -> float:

@@ -385,7 +385,8 @@ class DefaultDescriptor(Embedder):
         if self.region_scales:  # regions on: windows on objects too
             boxes += [b for b in object_boxes(image, self.object_regions) if b not in boxes]
         # Work on a copy just large enough that the smallest window still has >= 2x the
-        # descriptor's input pixels: every window then costs about the same, small, resize.
+        # descriptor's input pixels (a boundary window of 0.15 of a side, >= 1.2x): every window
+        # then costs about the same, small, resize.
         smallest = min((*self.region_scales, *(OBJECT_SIDES[:1] if self.object_regions else ())), default=1.0)
         work_side = int(np.ceil(2 * INPUT_SIZE / smallest))
         f = min(1.0, work_side / max(image.size))
