@@ -292,6 +292,9 @@ def main() -> None:
     from pipeline.progress import PlainProgress
 
     build = run_build(cfg, PlainProgress(interval=60), use_ray=True)
+    import ray
+
+    ray.shutdown()  # its daemons and idle workers would share the cores that the timings below use
     built = build.manifest
     trained = index.read_trained_info()
     tuning = index.read_tuning()
@@ -382,6 +385,7 @@ def main() -> None:
     searcher.close()
 
     # the same through Ray actors: identical results, and its throughput
+    connect(None, num_cpus=os.cpu_count(), object_store_memory=512 * 2**20)
     with IndexSearcher(index, use_ray=True, num_actors=min(2, len(built.shards)), cpus_per_actor=1,
                        threads=args.threads) as rs:
         local = IndexSearcher(index, use_ray=False, threads=args.threads)
