@@ -103,7 +103,6 @@ def test_near_equal_timings_go_to_the_fewest_lists_probed():
     assert cheapest(points[:1])["nprobe"] == 64
 
 
-
 def test_a_point_reaches_the_target_only_with_two_standard_errors_to_spare():
     """A 10M run's tuned point had recall 0.9526 on its tuning sample and 0.948 on held-out queries."""
     assert not reaches({"recall": 0.9526, "recall_se": 0.0035}, 0.95)
