@@ -60,6 +60,12 @@ class DemoConfig:
     baseline_size: int = 200
     #: seed of the corpus and the planted copies
     seed: int = 0
+    #: more corpus images after the scenes, never copied and outside the subset: flat shapes on a
+    #: gradient, ~10x cheaper to draw than a scene, so benchmarks can grow the corpus to millions
+    filler_size: int = 0
+    #: faiss factory of the index; empty = plain IVF-PQ with ~4 sqrt(n) lists (on the demo's
+    #: 2,000 images OPQ's training costs more than it gains)
+    index_factory: str = ""
 
 
 def corpus_images(n: int, seed: int):
@@ -109,6 +115,34 @@ def build_corpus(cfg: DemoConfig) -> dict[str, Any]:
     pq.write_table(subset, join(cfg.workdir, "subset.parquet"))
     return {"keys": keys, "in_subset": in_subset, "captions": dict(zip(keys, captions)),
             "shared": {keys[i] for i in shared}}
+
+
+def _write_filler_tar(workdir: str, shard: int, first: int, count: int, seed: int) -> None:
+    from pipeline.sample import laion_sample, sample_key, write_tar
+
+    samples = []
+    for j in range(count):
+        i = first + j
+        key = sample_key(shard, j)
+        samples.append(laion_sample(key, synthetic.flat_scene(seed * 7_919 + i), synthetic.caption(seed + i),
+                                    f"https://images.example.org/filler/{key}.jpg"))
+    write_tar(join(workdir, "corpus", f"{shard:05d}.tar"), samples)
+
+
+def add_filler(cfg: DemoConfig, first_shard: int, progress: Progress) -> None:
+    """Write ``cfg.filler_size`` flat-shape images in tars after the scenes' (all cores)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    first = cfg.corpus_size  # seeds continue after the scenes'
+    shards = range((cfg.filler_size + PER_TAR - 1) // PER_TAR)
+    with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
+        jobs = [pool.submit(_write_filler_tar, cfg.workdir, first_shard + s, first + s * PER_TAR,
+                            min(PER_TAR, cfg.filler_size - s * PER_TAR), cfg.seed) for s in shards]
+        for done, job in enumerate(jobs, 1):
+            job.result()
+            if done % 200 == 0 or done == len(jobs):
+                progress.log(f"filler: {min(done * PER_TAR, cfg.filler_size)}/{cfg.filler_size} images")
 
 
 def corpus_image(workdir: str, key: str):
@@ -210,6 +244,8 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     corpus = build_corpus(cfg)
     truth = plant_queries(cfg, corpus)
     progress.log(f"planted {sum(t['edit'] != 'novel' for t in truth)} copies and {cfg.novel} novel images in {work}/generated")
+    if cfg.filler_size:
+        add_filler(cfg, first_shard=(cfg.corpus_size + PER_TAR - 1) // PER_TAR, progress=progress)
 
     s = run_embed(EmbedConfig(input=[join(work, "corpus", "*.tar")], output=join(work, "embeddings")), progress)
     progress.log(f"embedded {s.embedded}/{s.images} corpus images ({s.images_per_s:.0f} img/s)")
@@ -218,9 +254,9 @@ def run_demo(cfg: DemoConfig, progress: Progress | None = None) -> dict[str, Any
     progress.log(f"counted {counted.rows_with_caption} captions: {counted.distinct_captions} distinct, "
                  f"{counted.distinct_normalized} after normalisation")
     # A corpus this small trains OPQ slowly for no gain: plain IVF-PQ, exact rerank restores scores.
-    nlist = default_nlist(cfg.corpus_size)  # the whole corpus, not this run's new rows: a rerun embeds none
+    nlist = default_nlist(cfg.corpus_size + cfg.filler_size)  # the whole corpus: a rerun embeds nothing new
     run_build(IndexConfig(embeddings=join(work, "embeddings"), index=join(work, "index"),
-                          factory=f"IVF{nlist},PQ32x8"), progress)
+                          factory=cfg.index_factory or f"IVF{nlist},PQ32x8"), progress)
 
     search = SearchConfig(queries=join(work, "generated"), index=join(work, "index"), output=join(work, "results"),
                           run_id="demo", subset=join(work, "subset.parquet"),

@@ -24,7 +24,21 @@ def scene(seed: int, size: tuple[int, int] = (320, 256)) -> Image.Image:
         img += rng.uniform(10, 40) * np.sin(fx * xx + fy * yy + ph)[..., None] * rng.uniform(-1, 1, 3)
     img += rng.normal(0, 6, img.shape)
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
+    _draw_shapes(ImageDraw.Draw(pil), rng, size)
+    return pil
+
+
+def flat_scene(seed: int, size: tuple[int, int] = (320, 256)) -> Image.Image:
+    """Shapes on a smooth gradient: ~1 ms, for corpora grown to millions (``scene`` takes ~15)."""
+    rng = np.random.default_rng(seed)
+    corners = rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)
+    pil = Image.fromarray(corners).resize(size, Image.BILINEAR)
+    _draw_shapes(ImageDraw.Draw(pil), rng, size)
+    return pil
+
+
+def _draw_shapes(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: tuple[int, int]) -> None:
+    w, h = size
     for _ in range(rng.integers(4, 12)):
         x0, y0 = rng.integers(0, w), rng.integers(0, h)
         x1, y1 = x0 + rng.integers(10, w // 2), y0 + rng.integers(10, h // 2)
@@ -37,7 +51,6 @@ def scene(seed: int, size: tuple[int, int] = (320, 256)) -> Image.Image:
         else:
             pts = [(int(rng.integers(0, w)), int(rng.integers(0, h))) for _ in range(3)]
             draw.polygon(pts, fill=colour)
-    return pil
 
 
 def caption(seed: int) -> str:
