@@ -53,13 +53,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pipeline import devset  # noqa: E402
 from pipeline import scoring  # noqa: E402
 from pipeline import synthetic_images as synthetic  # noqa: E402
-from pipeline.config import EmbedderConfig  # noqa: E402
+from pipeline.config import EmbedderConfig, SearchConfig  # noqa: E402
 from pipeline.layout.devset import MANIFEST  # noqa: E402
 from pipeline.search import Candidate, merge_regions, verification_pool  # noqa: E402
 
 TOP_K = 10
 CANDIDATES = 100  # per query region, as SearchConfig.candidates
-VERIFY_TOP = 10  # as SearchConfig.verify_top
+VERIFY_TOP = SearchConfig().verify_top
 QUERY_EDITS = (*synthetic.EDITS, "paste")
 
 

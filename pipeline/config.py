@@ -365,7 +365,7 @@ class SearchConfig:
     #: how many training images carry its caption; empty = not counted
     captions: str = ""
     #: local-feature verification of the best N candidates per query; 0 = off
-    verify_top: int = 10
+    verify_top: int = 12
     #: final-score model (JSON from bench/copy_detection.py --fit) for the descriptor whose similarity
     #: is scored; empty = the shipped model when it was fitted for that descriptor, else fixed weights
     score_model: str = ""

@@ -136,7 +136,7 @@ class Verifier:
         self,
         method: str = DEFAULT_METHOD,
         max_side: int = 512,
-        candidate_max_side: int = 384,
+        candidate_max_side: int = 288,
         n_features: int = 1500,
         n_query_features: int = 5000,
         fast_threshold: int = 5,

@@ -64,7 +64,7 @@ def test_config_reference_is_current_and_every_template_loads():
         data = yaml.safe_load("\n".join(section_template(name)))
         assert build(cls, data[name]) == cls()
     r = invoke("config", "search")
-    assert r.exit_code == 0 and "verify_top: 10" in r.output
+    assert r.exit_code == 0 and "verify_top: 12" in r.output
 
 
 def test_version_and_help():
