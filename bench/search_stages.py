@@ -7,8 +7,8 @@ against a corpus with pixels, time per stage and the driver's peak RSS.
 It runs the demo's chain (pipeline.demo: corpus tars -> embed -> captions -> index -> search) at
 the sizes given: the queries are planted copies of every edit, pasted objects and novel images,
 and the baseline samples 200 corpus images searched like them. ``--filler`` grows the corpus
-with flat-shape images that are ~10x cheaper to draw than the scenes (a 1M corpus:
-``--corpus-size 20000 --filler 980000 --factory OPQ128_256,IVF4096,PQ128x4fsr``). It prints run.json's
+with flat-shape images that are ~10x cheaper to draw than the scenes; a 1M corpus is
+``--corpus-size 20000 --filler 980000 --factory OPQ128_256,IVF4096,PQ128x4fsr``. It prints run.json's
 ``stage_seconds`` per part (query batches, baseline) with seconds per query, the search's wall
 time and the driver's peak RSS, then removes its folder unless ``--keep``.
 """
@@ -57,7 +57,8 @@ def main() -> None:
     chain_s = time.perf_counter() - t
     run = RunFolder(os.path.join(args.workdir, "results", "run_id=demo")).read_record()
     figures = {
-        "corpus": args.corpus_size + args.filler, "filler": args.filler, "queries": run.queries, "baseline": args.baseline_size,
+        "corpus": args.corpus_size + args.filler, "filler": args.filler, "queries": run.queries,
+        "baseline": args.baseline_size,
         "chain_s": round(chain_s, 1), "search_s": run.seconds,
         "driver_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "stage_seconds": run.stage_seconds,
