@@ -317,6 +317,8 @@ def main() -> None:
         result["index"]["side_file_bytes"] = sum(p.stat().st_size for p in Path(index_url, "vectors").glob("*.f16"))
 
     reg = Registry.load(index)
+    dim = int(reg.identity.get("dim") or args.dim)  # --embeddings: the folder's, not the generator's
+    result["dim"] = dim
     k, depth, tuned_nprobe = 10, tuning.rerank_depth, tuning.nprobe
     if args.embeddings:  # stored vectors as queries, each excluded from its own answers
         from pipeline.index.tune import sample_queries
@@ -403,9 +405,10 @@ def main() -> None:
                                 "identical_to_in_process": bool((i1 == i2).all() and np.allclose(d1, d2))}
         local.close()
 
-    all_ids = np.concatenate([encode_ids(n, np.arange(0, 10_000, 7)) for n in range(len(reg))])
-    all_ids = all_ids[decode_ids(all_ids)[1] < args.rows_per_shard]
-    result["rerank_fetch"] = rerank_cost(index, reg, args.dim, all_ids, np.random.default_rng(1), cfg.write_vectors)
+    rows_per_shard = [args.rows_per_shard] * len(reg) if not args.embeddings else \
+        [reg.embeddings.shard_rows(reg.name(n)) for n in range(len(reg))]
+    all_ids = np.concatenate([encode_ids(n, np.arange(rows)) for n, rows in enumerate(rows_per_shard)])
+    result["rerank_fetch"] = rerank_cost(index, reg, dim, all_ids, np.random.default_rng(1), cfg.write_vectors)
     log(json.dumps(result["rerank_fetch"]))
 
     result["loadavg_after_replica"] = os.getloadavg()
