@@ -405,9 +405,8 @@ def main() -> None:
                                 "identical_to_in_process": bool((i1 == i2).all() and np.allclose(d1, d2))}
         local.close()
 
-    rows_per_shard = [args.rows_per_shard] * len(reg) if not args.embeddings else \
-        [reg.embeddings.shard_rows(reg.name(n)) for n in range(len(reg))]
-    all_ids = np.concatenate([encode_ids(n, np.arange(rows)) for n, rows in enumerate(rows_per_shard)])
+    all_ids = np.concatenate([encode_ids(n, np.arange(reg.embeddings.shard_rows(reg.name(n))))
+                              for n in range(len(reg))])
     result["rerank_fetch"] = rerank_cost(index, reg, dim, all_ids, np.random.default_rng(1), cfg.write_vectors)
     log(json.dumps(result["rerank_fetch"]))
 
