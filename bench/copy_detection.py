@@ -3,6 +3,7 @@
     python bench/copy_detection.py --split validation             # choose settings here
     python bench/copy_detection.py --fit                          # fit the final-score model (fit split)
     python bench/copy_detection.py --split test --json test.json  # report the test split, once
+    python bench/copy_detection.py --split validation --corpus-distractors 100000   # a larger corpus
     python bench/copy_detection.py --verifiers                    # keypoint methods: accuracy, CPU per pair
     python bench/copy_detection.py --speed                        # corpus-side throughput on one core
     python bench/copy_detection.py --embedder sscd --checkpoint sscd_disc_mixup.torchscript.pt --fit
@@ -57,6 +58,8 @@ from pipeline.config import EmbedderConfig, SearchConfig  # noqa: E402
 from pipeline.layout.devset import MANIFEST  # noqa: E402
 from pipeline.search import Candidate, merge_regions, verification_pool  # noqa: E402
 
+from corpus_distractors import CorpusDistractors  # noqa: E402
+
 TOP_K = 10
 CANDIDATES = 100  # per query region, as SearchConfig.candidates
 VERIFY_TOP = SearchConfig().verify_top
@@ -78,9 +81,17 @@ class Dataset:
     query_category: list[str]
     query_gt: np.ndarray  # corpus index of the reference, -1 for distractors
     paste_box: dict[int, tuple] = field(default_factory=dict)
+    extra: CorpusDistractors | None = None  # more corpus images, after the split's own
+
+    @property
+    def corpus_size(self) -> int:
+        return len(self.corpus_jpeg) + (len(self.extra) if self.extra else 0)
+
+    def corpus_bytes(self, i: int) -> bytes:
+        return self.corpus_jpeg[i] if i < len(self.corpus_jpeg) else self.extra.jpeg(i - len(self.corpus_jpeg))
 
     def corpus_image(self, i: int) -> Image.Image:
-        return Image.open(io.BytesIO(self.corpus_jpeg[i]))
+        return Image.open(io.BytesIO(self.corpus_bytes(i)))
 
 
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
@@ -224,9 +235,9 @@ def run_thumb(ds: Dataset):
 
 def corpus_vectors(ds: Dataset, emb, batch: int = 128) -> np.ndarray:
     out = []
-    for i in range(0, len(ds.corpus_jpeg), batch):
+    for i in range(0, ds.corpus_size, batch):
         out.append(emb.embed(np.stack([emb.preprocess(ds.corpus_image(j))
-                                       for j in range(i, min(i + batch, len(ds.corpus_jpeg)))])))
+                                       for j in range(i, min(i + batch, ds.corpus_size))])))
     return np.concatenate(out).astype(np.float16).astype(np.float32)  # stored as float16
 
 
@@ -260,13 +271,14 @@ def _ids_scores(ranked: list[list[Candidate]], key) -> tuple[np.ndarray, np.ndar
 _WORKER: dict = {}
 
 
-def _verify_init(corpus_jpeg: list[bytes], method: str) -> None:
+def _verify_init(images: dict[int, bytes], method: str) -> None:
+    """A verification worker: the JPEGs of the corpus images it will see, by corpus index."""
     import cv2
 
     from pipeline.verify import Verifier
 
     cv2.setNumThreads(1)
-    _WORKER.update(corpus=corpus_jpeg, verifier=Verifier(method=method), cache={})
+    _WORKER.update(corpus=images, verifier=Verifier(method=method), cache={})
 
 
 def _verify_query(args) -> tuple[int, str, float, dict]:
@@ -326,7 +338,8 @@ def verify_pools(ds: Dataset, cands: list[list[Candidate]], method: str, workers
         todo = [t for t in todo if t[2]]
         if not todo:
             return
-        with ProcessPoolExecutor(workers, initializer=_verify_init, initargs=(ds.corpus_jpeg, method)) as ex:
+        images = {c: ds.corpus_bytes(c) for _, _, pool in todo for c in pool}
+        with ProcessPoolExecutor(workers, initializer=_verify_init, initargs=(images, method)) as ex:
             for qi, ch, query_s, out in ex.map(_verify_query, [t + (channel,) for t in todo], chunksize=4):
                 cached[prefix[ch] + "query_s"][qi] = query_s
                 for c, (result, match_s, features_s) in out.items():
@@ -343,7 +356,7 @@ def verify_pools(ds: Dataset, cands: list[list[Candidate]], method: str, workers
     def thumb(key):  # value thumbnails of queries ("q", i) and corpus images ("c", i)
         if key not in thumbs:
             kind, i = key
-            im = ds.queries[i] if kind == "q" else devset.flatten(Image.open(io.BytesIO(ds.corpus_jpeg[i])))
+            im = ds.queries[i] if kind == "q" else devset.flatten(ds.corpus_image(i))
             thumbs[key] = value_thumbnail(im)
         return thumbs[key]
 
@@ -478,14 +491,17 @@ def build_embedder(args):
 
 
 def run_split(args, items, model: scoring.ScoreModel | None) -> dict:
-    return run_dataset(args, build_split(items, args.split, args.edits_per_ref, args.distractor_edits, args.limit),
-                       model)
+    ds = build_split(items, args.split, args.edits_per_ref, args.distractor_edits, args.limit)
+    if args.corpus_distractors:
+        ds.extra = CorpusDistractors(items, args.corpus_distractors)
+    return run_dataset(args, ds, model)
 
 
 def run_dataset(args, ds: Dataset, model: scoring.ScoreModel | None) -> dict:
     n_pos = int((ds.query_gt >= 0).sum())
     counts = {c: ds.corpus_category.count(c) for c in sorted(set(ds.corpus_category))}
-    print(f"{ds.split}: corpus {len(ds.corpus_jpeg)} {counts}, {n_pos} copy queries, "
+    extra = f" + {len(ds.extra)} corpus distractors" if ds.extra else ""
+    print(f"{ds.split}: corpus {len(ds.corpus_jpeg)} {counts}{extra}, {n_pos} copy queries, "
           f"{len(ds.queries) - n_pos} distractor queries", flush=True)
     results: dict[str, dict] = {}
 
@@ -493,7 +509,7 @@ def run_dataset(args, ds: Dataset, model: scoring.ScoreModel | None) -> dict:
         results[name] = evaluate(*ids_scores, ds)
         print(name, json.dumps(results[name]), flush=True)
 
-    if not args.no_hashes and ds.split != "scenes":
+    if not args.no_hashes and ds.split != "scenes" and not ds.extra:  # brute-force hashes: the split alone
         record("PDQ (8 dihedral)", run_pdq(ds))
         record("pHash", run_phash(ds))
         record("thumb32 cosine", run_thumb(ds))
@@ -503,14 +519,16 @@ def run_dataset(args, ds: Dataset, model: scoring.ScoreModel | None) -> dict:
     record(f"{emb.name}: global", _ids_scores(glob, lambda c: c.score_exact))
     cands, boxes = candidates(ds, emb, corpus, regions=True)
     record(f"{emb.name}: + regions", _ids_scores(cands, lambda c: c.score_exact))
-    out = {"split": ds.split, "corpus": len(ds.corpus_jpeg), "corpus_by_category": counts, "copy_queries": n_pos,
+    out = {"split": ds.split, "corpus": ds.corpus_size, "corpus_by_category": counts,
+           "corpus_distractors": len(ds.extra) if ds.extra else 0, "copy_queries": n_pos,
            "distractor_queries": len(ds.queries) - n_pos, "identity": emb.identity(), "results": results}
     if args.no_verify:
         out["generation_recall"] = generation_recall(ds, [verification_pool(c, VERIFY_TOP) for c in cands], cands)
         out["fit_rows"] = None
         return out
     name = f"scenes{len(ds.corpus_jpeg)}" if ds.split == "scenes" else \
-        f"{ds.split}-e{args.edits_per_ref}.{args.distractor_edits}-l{args.limit}"
+        f"{ds.split}-e{args.edits_per_ref}.{args.distractor_edits}-l{args.limit}" + \
+        (f"-d{len(ds.extra)}" if ds.extra else "")
     cache = Path(args.cache) / "verify" / f"{name}-{args.method}-{verifier_settings()}.pkl"
     pools, vstats = verify_pools(ds, cands, args.method, args.workers, cache)
     by_evidence = [sorted(c, key=lambda c: (-bool(c.verify_score), -(c.verify_score or 0) - c.score_exact)) for c in cands]
@@ -550,6 +568,9 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="use at most this many images of the split (quick runs)")
     ap.add_argument("--quick", action="store_true", help="--limit 150 --no-hashes")
     ap.add_argument("--no-hashes", action="store_true", help="skip PDQ, pHash and the thumbnail")
+    ap.add_argument("--corpus-distractors", type=int, default=0, metavar="N",
+                    help="add N images made from the fit split's (crops, collages, pastes; bench/corpus_distractors.py) "
+                         "to the corpus: detection against a larger corpus (not with --fit)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-verify", action="store_true", help="descriptor only: global and regions")
     ap.add_argument("--object-regions", type=int, default=EmbedderConfig().query_object_regions,
@@ -571,6 +592,8 @@ def main() -> None:
     if args.verifiers:
         print(json.dumps(compare_verifiers(items, args), indent=2))
         return
+    if args.fit and args.corpus_distractors:
+        ap.error("--corpus-distractors are made from the fit split's images: measure validation or test with them")
     if args.fit:
         args.split = "fit"
         out = run_split(args, items, None)
