@@ -8,15 +8,23 @@ reference that is measured -- cut and recombined the way web images are: crops o
 the area at aspect ratios 1:2 to 2:1, mirrored, colour-shifted, one image's crop pasted onto
 another's, and 2x2 collages. Image ``i`` is drawn from its own seed, so any one of them can be
 made again without the others (verification fetches only the pool's).
+
+    python bench/corpus_distractors.py --count 24 --out /tmp/distractors   # look at some
 """
 from __future__ import annotations
 
+import argparse
 import io
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from pipeline import devset
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pipeline import devset  # noqa: E402
 
 #: longest side of the source images and of the distractors made from them
 SIDE = 384
@@ -79,3 +87,23 @@ class CorpusDistractors:
         if rng.random() < 0.3:
             out = ImageEnhance.Color(out).enhance(rng.uniform(0.3, 1.7))
         return out
+
+
+def main() -> None:
+    from pipeline.layout.devset import MANIFEST
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=24, help="how many distractors to write")
+    ap.add_argument("--out", required=True, help="folder for the JPEGs (distractor-000000.jpg, ...)")
+    ap.add_argument("--cache", default="/tmp/replica-devset", help="the development benchmark's package cache")
+    args = ap.parse_args()
+    made = CorpusDistractors(devset.load(args.cache, MANIFEST), args.count)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(args.count):
+        (out / f"distractor-{i:06d}.jpg").write_bytes(made.jpeg(i))
+    print(f"wrote {args.count} distractors to {out}")
+
+
+if __name__ == "__main__":
+    main()
