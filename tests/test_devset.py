@@ -51,3 +51,33 @@ def test_text_renderings_are_deterministic_and_distinct():
     c = devset.render_text("Elves guard the forest paths by night. " * 20, font, 4)
     assert a.tobytes() == b.tobytes()
     assert np.abs(np.asarray(a, float) - np.asarray(c, float)).mean() > 1
+
+
+def test_corpus_distractors_come_from_the_fit_split_and_each_from_its_own_seed():
+    """bench/corpus_distractors.py: image i is the same whether made first or after others, the
+    images differ from each other, they decode as JPEG, and only fit-split images feed them."""
+    import importlib.util
+    import io
+
+    path = Path(__file__).parent.parent / "bench" / "corpus_distractors.py"
+    spec = importlib.util.spec_from_file_location("corpus_distractors", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    items = []
+    for s in range(6):
+        split = "fit" if s < 4 else "test"
+        colour = (255, 255, 255) if split == "fit" else (255, 0, 0)  # test images: pure red, never used
+        image = synthetic.scene(s, (240, 180)) if split == "fit" else Image.new("RGB", (240, 180), colour)
+        items.append(devset.Item(f"pkg:{s}", "photo", "pkg", "1.0", f"g{s}", lambda image=image: image, split=split))
+    made = module.CorpusDistractors(items, 40)
+    assert len(made) == 40 and len(made.sources) == 4
+    after_others = [made.jpeg(i) for i in range(8)][7]
+    assert module.CorpusDistractors(items, 40).jpeg(7) == after_others  # the same image, made alone
+    thumbs = [np.asarray(Image.open(io.BytesIO(made.jpeg(i))).convert("L").resize((16, 16)), np.float32)
+              for i in range(40)]
+    assert len({t.tobytes() for t in thumbs}) == 40
+    assert all(max(made.image(i).size) <= module.SIDE for i in range(40))
+    red = np.array([255, 0, 0], np.float32)
+    assert not any((np.abs(np.asarray(made.image(i), np.float32) - red).sum(-1) < 30).mean() > 0.5
+                   for i in range(40))  # no test-split pixels
