@@ -55,7 +55,7 @@ from pipeline import devset  # noqa: E402
 from pipeline import scoring  # noqa: E402
 from pipeline import synthetic_images as synthetic  # noqa: E402
 from pipeline.config import EmbedderConfig, SearchConfig  # noqa: E402
-from pipeline.layout.devset import MANIFEST  # noqa: E402
+from pipeline.layout.devset import MANIFEST, DevsetCache  # noqa: E402
 from pipeline.search import Candidate, merge_regions, verification_pool  # noqa: E402
 
 from corpus_distractors import CorpusDistractors  # noqa: E402
@@ -529,7 +529,7 @@ def run_dataset(args, ds: Dataset, model: scoring.ScoreModel | None) -> dict:
     name = f"scenes{len(ds.corpus_jpeg)}" if ds.split == "scenes" else \
         f"{ds.split}-e{args.edits_per_ref}.{args.distractor_edits}-l{args.limit}" + \
         (f"-d{len(ds.extra)}" if ds.extra else "")
-    cache = Path(args.cache) / "verify" / f"{name}-{args.method}-{verifier_settings()}.pkl"
+    cache = DevsetCache(Path(args.cache)).verified_pairs(name, args.method, verifier_settings())
     pools, vstats = verify_pools(ds, cands, args.method, args.workers, cache)
     by_evidence = [sorted(c, key=lambda c: (-bool(c.verify_score), -(c.verify_score or 0) - c.score_exact)) for c in cands]
     record(f"{emb.name}: + verification", _ids_scores(by_evidence, lambda c: (c.verify_score or 0) + c.score_exact))

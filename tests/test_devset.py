@@ -67,8 +67,8 @@ def test_corpus_distractors_come_from_the_fit_split_and_each_from_its_own_seed()
     items = []
     for s in range(6):
         split = "fit" if s < 4 else "test"
-        colour = (255, 255, 255) if split == "fit" else (255, 0, 0)  # test images: pure red, never used
-        image = synthetic.scene(s, (240, 180)) if split == "fit" else Image.new("RGB", (240, 180), colour)
+        # test-split images are pure red: none of their pixels may reach a distractor
+        image = synthetic.scene(s, (240, 180)) if split == "fit" else Image.new("RGB", (240, 180), (255, 0, 0))
         items.append(devset.Item(f"pkg:{s}", "photo", "pkg", "1.0", f"g{s}", lambda image=image: image, split=split))
     made = module.CorpusDistractors(items, 40)
     assert len(made) == 40 and len(made.sources) == 4

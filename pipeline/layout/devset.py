@@ -3,6 +3,9 @@
 ```
 {cache}/debs/{package}_{version}_{arch}.deb   as apt-get download names them
 {cache}/unpacked/{package}/                   dpkg-deb -x of that package
+{cache}/verify/{run}-{method}-{settings}.pkl  bench/copy_detection.py's verified pairs, per run
+                                              (split, edits, limit, -d{N} corpus distractors),
+                                              keypoint method and verifier settings digest
 ```
 
 The committed manifest of the images used is ``bench/devset.sha256`` (``MANIFEST``).
@@ -25,3 +28,6 @@ class DevsetCache:
 
     def unpacked(self, package: str) -> Path:
         return self.root / "unpacked" / package
+
+    def verified_pairs(self, run: str, method: str, settings: str) -> Path:
+        return self.root / "verify" / f"{run}-{method}-{settings}.pkl"
