@@ -24,6 +24,7 @@ from pipeline.embedders.default import (
     raw_dim,
     raw_features,
     region_boxes,
+    value_view,
 )
 from pipeline.errors import ConfigError
 
@@ -75,6 +76,24 @@ def test_pasted_object_is_found_by_the_query_regions(emb, bank):
         found += own > best_other
     # Region search narrows the list; local-feature verification (test_verify) finishes the job.
     assert found >= 0.7 * len(refs), f"only {found}/{len(refs)} pasted objects ranked first"
+
+
+def _luma_levelled(image: Image.Image) -> Image.Image:
+    """A recolouring that keeps every edge in the value channel and none in luma: each pixel
+    becomes a blue-green of constant luma (35) whose value (blue) follows the source's luma."""
+    luma = np.asarray(image.convert("L"), np.float32)
+    blue = 60 + luma * 195 / 255
+    green = (35 - 0.114 * blue) / 0.587
+    return Image.fromarray(np.stack([np.zeros_like(blue), green, blue], -1).round().astype(np.uint8))
+
+
+def test_a_copy_recoloured_to_flat_luma_is_found_through_the_value_view(emb, bank):
+    refs, ref_vecs, other_vecs = bank
+    for i, ref in list(enumerate(refs))[-3:]:  # procedural scenes: flat colours
+        vecs, boxes = emb.embed_regions(_luma_levelled(ref))
+        whole, value = vecs[0], vecs[-1]
+        assert float(whole @ ref_vecs[i]) < float((other_vecs @ whole).max())  # lost on luma
+        assert float(value @ ref_vecs[i]) > float((other_vecs @ value).max())  # found on value
 
 
 def test_vectors_are_normalised_and_float16_safe(emb, bank):
@@ -196,10 +215,12 @@ def test_embed_regions_boxes_and_vectors(emb):
     vecs, boxes = emb.embed_regions(img)
     assert boxes[0] == (0, 0, 448, 336)
     grid = region_boxes(448, 336)
-    assert boxes[:len(grid)] == grid and len(boxes) == len(set(boxes)) == len(vecs) <= len(grid) + 16
+    assert boxes[:len(grid)] == grid and len(boxes) == len(set(boxes)) + 1 == len(vecs) <= len(grid) + 17
     assert all(0 <= x0 < x1 <= 448 and 0 <= y0 < y1 <= 336 for x0, y0, x1, y1 in boxes)
+    # last, the whole image's value channel
+    assert boxes[-1] == boxes[0] and float(vecs[-1] @ emb.embed_images([value_view(img)])[0]) > 0.99
     grid_only = DefaultDescriptor(EmbedderConfig(query_object_regions=0))
-    assert grid_only.embed_regions(img)[1] == grid
+    assert grid_only.embed_regions(img)[1] == grid + [grid[0]]
     assert float(vecs[0] @ emb.embed_images([img])[0]) > 0.99  # the whole image, resampled once more
     whole_only = DefaultDescriptor(EmbedderConfig(query_region_scales=[]))
     v1, b1 = whole_only.embed_regions(img)
@@ -320,4 +341,4 @@ def test_transparency_is_composited_on_white():
     assert rgb.mode == "RGB" and rgb.getpixel((5, 5)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (10, 20, 30)
     with_regions = DefaultDescriptor(EmbedderConfig(query_object_regions=4))
     vecs, boxes = with_regions.embed_regions(synthetic.scene(3, (400, 300)))
-    assert len(boxes) > len(region_boxes(400, 300)) and len(vecs) == len(boxes)
+    assert len(boxes) > len(region_boxes(400, 300)) + 1 and len(vecs) == len(boxes)

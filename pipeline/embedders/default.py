@@ -32,8 +32,10 @@ whitening file made by the same script.
 
 Query side: :meth:`DefaultDescriptor.embed_regions` embeds the whole query plus overlapping
 windows at several scales (``EmbedderConfig.query_region_scales`` / ``query_region_step``;
-87 windows by default), so an object copied into a new scene is still found; search merges
-the regions' results per corpus key (max score).
+87 windows by default) and up to ``query_object_regions`` windows on objects, so an object
+copied into a new scene is still found, and the whole query once more as its value channel, so
+a recoloured flat-colour copy is too; search merges the regions' results per corpus key (max
+score).
 """
 from __future__ import annotations
 
@@ -344,6 +346,15 @@ def region_boxes(width: int, height: int, scales: tuple[float, ...] | list[float
     return grid_boxes(width, height, scales, step)
 
 
+def value_view(image: Image.Image) -> Image.Image:
+    """The value channel (the largest of R, G and B) as a grey image. A hue rotation keeps it, where
+    it can level two colours' luma and erase the edge between them (yellow on blue turned to blue
+    on yellow): the descriptor, on luma, then ranks a recoloured flat-colour copy's source far
+    down, and this view of the query ranks it first again (docs/BENCHMARKS.md, the demo's colour
+    copies)."""
+    return Image.fromarray(np.asarray(to_rgb(image)).max(axis=2)).convert("RGB")
+
+
 class DefaultDescriptor(Embedder):
     name = "default"
     dim = DIM
@@ -378,6 +389,8 @@ class DefaultDescriptor(Embedder):
         return self.whitening.apply(raw_features(batch, self.version)).astype(np.float32)
 
     def embed_regions(self, image: Image.Image) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+        """The whole image and the grid's windows, then the windows on objects, then the whole
+        image's :func:`value_view` (its box is the whole image's: the one box listed twice)."""
         from pipeline.embedders.regions import OBJECT_SIDES, object_boxes
 
         image = to_rgb(upright(image) if self.turn else image)
@@ -393,8 +406,11 @@ class DefaultDescriptor(Embedder):
         work = image.resize((max(1, round(image.width * f)), max(1, round(image.height * f))), Image.BILINEAR,
                             reducing_gap=2.0) if f < 1.0 else image
         sx, sy = work.width / image.width, work.height / image.height
-        batch = np.stack([to_input(work.crop((x0 * sx, y0 * sy, x1 * sx, y1 * sy))) for x0, y0, x1, y1 in boxes])
-        return self.embed(batch), boxes
+        inputs = [to_input(work.crop((x0 * sx, y0 * sy, x1 * sx, y1 * sy))) for x0, y0, x1, y1 in boxes]
+        if self.region_scales:  # regions on: the whole image once more, as its value channel
+            inputs.append(to_input(value_view(work)))
+            boxes.append(boxes[0])
+        return self.embed(np.stack(inputs)), boxes
 
     def identity(self) -> dict[str, Any]:
         return {
