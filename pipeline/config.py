@@ -58,7 +58,8 @@ class EmbedderConfig:
     exif_orientation: bool = True
     #: default embedder, query side: sizes (fractions of the query's width and height) of the
     #: windows embedded besides the whole image, so a copied object inside a new scene is found
-    #: (see docs/BENCHMARKS.md); empty = whole image only
+    #: (see docs/BENCHMARKS.md), and with them the whole image as its value channel, which a hue
+    #: rotation keeps; empty = whole image only
     query_region_scales: list[float] = field(default_factory=lambda: [0.75, 0.6, 0.5, 0.4])
     #: default embedder, query side: window stride as a fraction of the window size
     query_region_step: float = 0.33
