@@ -110,7 +110,9 @@ def _grey_array(image: Image.Image, max_side: int, channel: str = "luma") -> tup
     if max(w, h) * scale < 256:
         scale = 256 / max(w, h)
     if channel == "value" and image.mode == "RGB":
-        g = Image.fromarray(np.asarray(image).max(axis=2))
+        from pipeline.embedders.base import value_channel
+
+        g = value_channel(image)
     else:
         g = image.convert("L")
     if scale != 1.0:

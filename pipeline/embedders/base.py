@@ -92,6 +92,12 @@ def with_upright(preprocess: str, turned: bool) -> str:
     return f"{UPRIGHT_STEP},{preprocess}" if turned else preprocess
 
 
+def value_channel(image: Image.Image) -> Image.Image:
+    """The value channel, the largest of R, G and B, as a grey image: a hue rotation keeps it,
+    where it can level two colours' luma and erase the edge between them."""
+    return Image.fromarray(np.asarray(to_rgb(image)).max(axis=2))
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB, with transparency composited on white (as img2dataset stores such images): dropping
     the alpha channel instead would show whatever colour the transparent pixels happen to hold.

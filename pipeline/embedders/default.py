@@ -52,7 +52,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import EmbedderConfig
-from pipeline.embedders.base import Embedder, draft, l2_normalize, to_rgb, upright, with_upright
+from pipeline.embedders.base import Embedder, draft, l2_normalize, to_rgb, upright, value_channel, with_upright
 from pipeline.errors import ConfigError
 from pipeline.storage import Storage, read_bytes
 
@@ -347,12 +347,11 @@ def region_boxes(width: int, height: int, scales: tuple[float, ...] | list[float
 
 
 def value_view(image: Image.Image) -> Image.Image:
-    """The value channel (the largest of R, G and B) as a grey image. A hue rotation keeps it, where
-    it can level two colours' luma and erase the edge between them (yellow on blue turned to blue
-    on yellow): the descriptor, on luma, then ranks a recoloured flat-colour copy's source far
-    down, and this view of the query ranks it first again (docs/BENCHMARKS.md, the demo's colour
-    copies)."""
-    return Image.fromarray(np.asarray(to_rgb(image)).max(axis=2)).convert("RGB")
+    """The image's :func:`~pipeline.embedders.base.value_channel` as the descriptor's input: where a
+    hue rotation levelled two colours' luma, the descriptor (on luma) ranks a recoloured
+    flat-colour copy's source far down, and this view of the query ranks it first again
+    (docs/BENCHMARKS.md, the demo's colour copies)."""
+    return value_channel(image).convert("RGB")
 
 
 class DefaultDescriptor(Embedder):
