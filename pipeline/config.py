@@ -365,7 +365,8 @@ class SearchConfig:
     #: caption-counts folder written by `replica captions` on the index's embeddings; each match gets
     #: how many training images carry its caption; empty = not counted
     captions: str = ""
-    #: local-feature verification of the best N candidates per query; 0 = off
+    #: local-feature verification: the best N candidates per query, N/2 more by the whole image's
+    #: similarity, and heads of single windows' lists, 3.5 N in all; 0 = off
     verify_top: int = 12
     #: final-score model (JSON from bench/copy_detection.py --fit) for the descriptor whose similarity
     #: is scored; empty = the shipped model when it was fitted for that descriptor, else fixed weights

@@ -123,7 +123,7 @@ def test_the_shipped_model_is_fitted_for_the_default_descriptor_only():
 def test_the_verification_pool_takes_the_best_whole_image_scores_too():
     """Best by similarity first, then by the whole image's similarity (a crop whose whole image
     matches but ranks below images one region resembles), then heads of single regions' lists;
-    2.5 x top at most, no image twice."""
+    3.5 x top at most, no image twice."""
     from pipeline.search import verification_pool
 
     cands = []
@@ -138,5 +138,10 @@ def test_the_verification_pool_takes_the_best_whole_image_scores_too():
     ids = [c.id for c in pool]
     assert ids[:4] == [0, 1, 2, 3]
     assert ids[4:6] == [40, 30]
-    assert set(ids[6:]) == {20, 25, 55} and len(ids) == len(set(ids)) <= 10
+    assert set(ids[6:]) == {20, 25, 55} and len(ids) == len(set(ids)) <= 14
     assert len(verification_pool(cands[:3], top=4)) == 3
+    # Many heads of regions' lists: they fill the pool to 3.5 x top, best ranks first.
+    for i in range(6, 60):
+        cands[i].region_rank = 1 if i % 2 else 2
+    pool = verification_pool(cands, top=4)
+    assert len(pool) == 14 and all(c.region_rank == 1 for c in pool[6:])
