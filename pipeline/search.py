@@ -423,8 +423,8 @@ def nl2_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters)
 
 
 def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) -> list[Candidate]:
-    """What verification looks at, ``3.5 * top`` candidates at most (which keeps it under 2 s of
-    CPU a query, docs/BENCHMARKS.md): the best ``top`` by similarity (the best region's); then
+    """What verification looks at, ``3.5 * top`` candidates at most (1.6 s of CPU a
+    query on average at the default 12, docs/BENCHMARKS.md): the best ``top`` by similarity (the best region's); then
     the best by the whole image's similarity (a crop or a rotated copy can score higher whole
     than any region of another image does, yet rank below images that one region resembles);
     then candidates near the head of some single region's list (an object pasted into a new
