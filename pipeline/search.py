@@ -422,6 +422,11 @@ def nl2_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters)
                 retry=RetryPolicy(max_attempts=4, retry_on=(OSError, ray.exceptions.WorkerCrashedError)))
 
 
+def pool_size(top: int) -> int:
+    """How many candidates a query's verification looks at, at most: 3.5 x ``verify_top``."""
+    return (7 * top) // 2
+
+
 def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) -> list[Candidate]:
     """What verification looks at, ``3.5 * top`` candidates at most (1.6 s of CPU a query on
     average at the default 12, docs/BENCHMARKS.md): the best ``top`` by similarity (the best
@@ -437,7 +442,7 @@ def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) ->
     taken = {c.id for c in pool}
     rest = sorted((c for c in cands[top:] if c.region_rank <= region_rank and c.id not in taken),
                   key=lambda c: (c.region_rank, -c.similarity))
-    return pool + rest[: (7 * top) // 2 - len(pool)]
+    return pool + rest[: pool_size(top) - len(pool)]
 
 
 def verify_query(image, rows: list[dict[str, Any]], storage) -> list[tuple]:
@@ -654,8 +659,8 @@ def _search_locked(plan: SearchPlan, progress: Progress) -> SearchResult:
                     plan.run.write_batch(BatchRecord(BASELINE_UNIT, pixels_fetched=counters["pixels_fetched"],
                                                      seconds=round(time.time() - t, 2), self_recall=self_recall,
                                                      stage_seconds=rounded(counters["seconds"])), {})
-            with progress.task("search", len(batches), f"query batches of {size} (regions, candidates, rerank, "
-                                                       f"verification of the best {cfg.verify_top}, final score)") as bar:
+            stages = f"regions, candidates, rerank, verification of up to {pool_size(cfg.verify_top)} each, final score"
+            with progress.task("search", len(batches), f"query batches of {size} ({stages})") as bar:
                 for n, refs in enumerate(batches):
                     if plan.run.batch_record(batch_unit(n)) is None:
                         search_batch(plan, n, refs, embedder, rerank, searcher, source, registry, blocklist, subset,
