@@ -244,22 +244,24 @@ def corpus_vectors(ds: Dataset, emb, batch: int = 128) -> np.ndarray:
     return np.concatenate(out).astype(np.float16).astype(np.float32)  # stored as float16
 
 
+def query_candidates(query: Image.Image, emb, corpus: np.ndarray, regions: bool) -> tuple[list[Candidate], list]:
+    """One query: search's merged candidates (best region per corpus image), best similarity
+    first, and the query's region boxes (``Candidate.region`` indexes them)."""
+    vecs, boxes = emb.embed_regions(query) if regions else (emb.embed_images([query]), [(0, 0, *query.size)])
+    sims = vecs @ corpus.T
+    ids, scores = _topk(sims, CANDIDATES)
+    # as search merges regions; the exact score is the best region's (brute force here)
+    found = merge_regions(np.zeros(len(vecs), int), 1, scores, ids)[0]
+    merged = [Candidate(i, best, float(sims[:, i].max()), int(sims[:, i].argmax()), region_rank=rank,
+                        score_whole=float(sims[0, i]))
+              for i, (best, rank) in found.items()]
+    return sorted(merged, key=lambda c: (-c.score_exact, c.id)), boxes
+
+
 def candidates(ds: Dataset, emb, corpus: np.ndarray, regions: bool) -> tuple[list[list[Candidate]], list[list]]:
-    """Per query: search's merged candidates (best region per corpus image), best similarity first,
-    and the query's region boxes."""
-    out, all_boxes = [], []
-    for q in ds.queries:
-        vecs, boxes = emb.embed_regions(q) if regions else (emb.embed_images([q]), [(0, 0, q.width, q.height)])
-        sims = vecs @ corpus.T
-        ids, scores = _topk(sims, CANDIDATES)
-        # as search merges regions; the exact score is the best region's (brute force here)
-        found = merge_regions(np.zeros(len(vecs), int), 1, scores, ids)[0]
-        merged = [Candidate(i, best, float(sims[:, i].max()), int(sims[:, i].argmax()), region_rank=rank,
-                            score_whole=float(sims[0, i]))
-                  for i, (best, rank) in found.items()]
-        out.append(sorted(merged, key=lambda c: (-c.score_exact, c.id)))
-        all_boxes.append(boxes)
-    return out, all_boxes
+    """Per query: :func:`query_candidates`."""
+    found = [query_candidates(q, emb, corpus, regions) for q in ds.queries]
+    return [c for c, _ in found], [b for _, b in found]
 
 
 def _ids_scores(ranked: list[list[Candidate]], key) -> tuple[np.ndarray, np.ndarray]:

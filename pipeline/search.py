@@ -427,22 +427,23 @@ def pool_size(top: int) -> int:
     return (7 * top) // 2
 
 
-def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3) -> list[Candidate]:
-    """What verification looks at, ``3.5 * top`` candidates at most (1.6 s of CPU a query on
-    average at the default 12, docs/BENCHMARKS.md): the best ``top`` by similarity (the best
-    region's); then the best by the whole image's similarity (a crop or a rotated copy can score
-    higher whole than any region of another image does, yet rank below images that one region
-    resembles); then candidates near the head of some single region's list (an object pasted
-    into a new scene ranks high in its own region but may score low overall). Those take the
-    most places, twice ``top``: with a hundred windows, many heads of lists compete, and a pasted
-    object's source often heads one window's list at a lower similarity than chance matches
-    head others'."""
+def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3,
+                      size: int | None = None) -> list[Candidate]:
+    """What verification looks at, ``size`` candidates at most (default ``pool_size(top)``:
+    1.6 s of CPU a query on average at the default 12, docs/BENCHMARKS.md): the best ``top`` by
+    similarity (the best region's); then the best by the whole image's similarity (a crop or a
+    rotated copy can score higher whole than any region of another image does, yet rank below
+    images that one region resembles); then candidates near the head of some single region's
+    list (an object pasted into a new scene ranks high in its own region but may score low
+    overall). Those take the most places, twice ``top``: with a hundred windows, many heads of
+    lists compete, and a pasted object's source often heads one window's list at a lower
+    similarity than chance matches head others'."""
     pool = cands[:top]
     pool += sorted((c for c in cands[top:] if np.isfinite(c.score_whole)), key=lambda c: -c.score_whole)[: top // 2]
     taken = {c.id for c in pool}
     rest = sorted((c for c in cands[top:] if c.region_rank <= region_rank and c.id not in taken),
                   key=lambda c: (c.region_rank, -c.similarity))
-    return pool + rest[: pool_size(top) - len(pool)]
+    return pool + rest[: (size or pool_size(top)) - len(pool)]
 
 
 def verify_query(image, rows: list[dict[str, Any]], storage) -> list[tuple]:

@@ -1,0 +1,133 @@
+"""Where pasted objects are lost: the verification pool's size, and verification itself.
+
+    python bench/paste_pool.py --split fit --edits-per-ref 22          # every fit reference pasted twice
+    python bench/paste_pool.py --split validation --corpus-distractors 10000
+    python bench/paste_pool.py --split validation --distractors        # + distractor queries' pools
+
+For the pasted-object queries of a development-benchmark split (``copy_detection.build_split``),
+search's candidates are formed as ``copy_detection`` forms them (exact similarities against the
+split's corpus, regions merged), and the pool verification would see is cut at several sizes:
+the share of pastes whose reference is in it. Then each paste is verified against its reference
+as search verifies it (its whole pool; SIFT on the whole query), then the ``--retries`` most
+similar pool members that failed and were found by a window other than the whole image are
+tried again on the query cropped to that window: the retry docs/BENCHMARKS.md simulates.
+``--distractors`` does the same for the split's distractor queries: how many would have some
+pool member newly verified by the retry.
+Figures in docs/BENCHMARKS.md ("Object windows for cut-outs").
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[var] = "1"  # one thread per process, as search's Ray tasks run
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import copy_detection as cd  # noqa: E402
+from corpus_distractors import CorpusDistractors  # noqa: E402
+
+from pipeline import devset  # noqa: E402
+from pipeline.layout.devset import MANIFEST  # noqa: E402
+from pipeline.search import pool_size, verification_pool  # noqa: E402
+
+POOL_SIZES = (30, 36, 42, 48, 60)
+
+
+class PasteCheck:
+    """One split's corpus, its embedder, and a verifier whose candidate features are cached."""
+
+    def __init__(self, ds: cd.Dataset, args):
+        import cv2
+
+        from pipeline.verify import Verifier
+
+        cv2.setNumThreads(1)
+        self.ds, self.emb = ds, cd.build_embedder(args)
+        t = time.time()
+        self.corpus = cd.corpus_vectors(ds, self.emb)
+        print(f"corpus: {len(self.corpus):,} images embedded in {time.time() - t:.0f} s", flush=True)
+        self.verifier, self._features = Verifier(), {}
+
+    def features(self, c: int):
+        if c not in self._features:
+            self._features[c] = self.verifier.features(devset.flatten(self.ds.corpus_image(c)))
+        return self._features[c]
+
+    def verified(self, query_features, c: int) -> bool:
+        return self.verifier.verify(query_features, self.features(c)).verified
+
+    def on_window(self, query, box):
+        return self.verifier.features(query.crop(box), query=True)
+
+
+def query_row(check: PasteCheck, qi: int, top: int, retries: int) -> dict:
+    """One query as search verifies it (its pool, luma, whole query), then the ``retries`` most
+    similar failures found by a window other than the whole image tried again on that window
+    (features computed once per window)."""
+    query, gt = check.ds.queries[qi], int(check.ds.query_gt[qi])
+    cands, boxes = cd.query_candidates(query, check.emb, check.corpus, regions=True)
+    pool = verification_pool(cands, top)
+    qf = check.verifier.features(query, query=True)
+    ok = {c.id: check.verified(qf, c.id) for c in pool}
+    t, windows, rescued = time.process_time(), {}, set()
+    for c in [c for c in pool if not ok[c.id] and c.region != 0][:retries]:
+        if c.region not in windows:
+            windows[c.region] = check.on_window(query, boxes[c.region])
+        if check.verified(windows[c.region], c.id):
+            rescued.add(c.id)
+    row = {f"pool {n}": any(c.id == gt for c in verification_pool(cands, top, size=n)) for n in POOL_SIZES}
+    return {**row, "in the pool": gt in ok, "verified": ok.get(gt, False),
+            "verified with the retry": ok.get(gt, False) or gt in rescued,
+            "some verified": any(ok.values()), "newly verified by the retry": bool(rescued) and not any(ok.values()),
+            "retry cpu s": time.process_time() - t}
+
+
+def summary(rows: list[dict], keys) -> dict:
+    return {k: round(float(np.mean([r[k] for r in rows])), 3) for k in keys} if rows else {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--split", choices=devset.SPLITS, default="validation")
+    ap.add_argument("--edits-per-ref", type=int, default=3,
+                    help="edits per reference, taken in turn from the edit list (22: every reference pasted twice)")
+    ap.add_argument("--corpus-distractors", type=int, default=0, metavar="N",
+                    help="add N corpus images made from the fit split's (bench/corpus_distractors.py)")
+    ap.add_argument("--distractors", action="store_true", help="also verify distractor queries' pools")
+    ap.add_argument("--retries", type=int, default=3, help="failing pool members retried on their windows")
+    ap.add_argument("--object-regions", type=int, default=cd.EmbedderConfig().query_object_regions)
+    ap.add_argument("--cache", default="/tmp/replica-devset", help="the development benchmark's package cache")
+    args = ap.parse_args()
+    args.embedder, args.checkpoint, args.model, args.pretrained = "default", None, None, None
+    if args.split == "fit" and args.corpus_distractors:
+        ap.error("--corpus-distractors are made from the fit split's images: measure validation or test with them")
+    items = devset.load(args.cache, MANIFEST)
+    ds = cd.build_split(items, args.split, args.edits_per_ref, 2)
+    if args.corpus_distractors:
+        ds.extra = CorpusDistractors(items, args.corpus_distractors)
+    check = PasteCheck(ds, args)
+    top = cd.VERIFY_TOP
+    refs = [it for it in items if it.split == args.split and it.role == "reference"]
+    pastes = [i for i, e in enumerate(ds.query_edit) if e == "paste"]
+    cutout = {i: refs[int(ds.query_gt[i])].image().mode in ("RGBA", "LA", "PA") for i in pastes}
+    rows = {i: query_row(check, i, top, args.retries) for i in pastes}
+    print(f"{args.split}, {len(rows)} pastes, corpus {len(check.corpus):,}; search's pool: {pool_size(top)}")
+    for name, part in (("all", list(rows.values())), ("cut-outs", [r for i, r in rows.items() if cutout[i]]),
+                       ("rectangles", [r for i, r in rows.items() if not cutout[i]])):
+        print(f"  {name} ({len(part)}): in the pool of", summary(part, [f"pool {n}" for n in POOL_SIZES]))
+        in_pool = [r for r in part if r["in the pool"]]
+        print(f"  {name}, in the pool ({len(in_pool)}):", summary(in_pool, ["verified", "verified with the retry"]))
+    print(f"  retry CPU {1000 * np.mean([r['retry cpu s'] for r in rows.values()]):.0f} ms per paste query")
+    if args.distractors:
+        found = [query_row(check, i, top, args.retries) for i, e in enumerate(ds.query_edit) if e == "distractor"]
+        print(f"  distractor queries ({len(found)}):", summary(found, ["some verified", "newly verified by the retry"]),
+              f"retry CPU {1000 * np.mean([r['retry cpu s'] for r in found]):.0f} ms per query")
+
+if __name__ == "__main__":
+    main()
