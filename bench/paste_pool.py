@@ -20,16 +20,13 @@ from __future__ import annotations
 import os
 import sys
 
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
-    os.environ[var] = "1"  # one thread per process, as search's Ray tasks run
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import copy_detection as cd  # noqa: E402  (first: it pins one thread per process before numpy loads)
 
 import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import copy_detection as cd  # noqa: E402
 from corpus_distractors import CorpusDistractors  # noqa: E402
 
 from pipeline import devset  # noqa: E402
