@@ -73,7 +73,8 @@ def query_row(check: PasteCheck, qi: int, top: int, retries: int) -> dict:
     qf = check.verifier.features(query, query=True)
     ok = {c.id: check.verified(qf, c.id) for c in pool}
     t, windows, rescued = time.process_time(), {}, set()
-    for c in [c for c in pool if not ok[c.id] and c.region != 0][:retries]:
+    # not the whole image: the value view's window is the whole image too
+    for c in [c for c in pool if not ok[c.id] and boxes[c.region] != boxes[0]][:retries]:
         if c.region not in windows:
             windows[c.region] = check.on_window(query, boxes[c.region])
         if check.verified(windows[c.region], c.id):
