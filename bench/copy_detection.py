@@ -286,11 +286,11 @@ def _verify_init(images: dict[int, bytes], method: str) -> None:
     _WORKER.update(corpus=images, verifier=Verifier(method=method), cache={})
 
 
-def _verify_query(args) -> tuple[int, str, float, dict]:
-    """One query against the pool members not verified yet on ``channel``, as search's
-    verification task does; CPU seconds per step (candidate features cached per worker, their
-    cost counted once per image)."""
-    qi, query, pool, channel = args
+def _verify_query(args) -> tuple[object, float, dict]:
+    """One query (or its crop to a window) against the pool members not verified yet on
+    ``channel``, as search's verification task does; CPU seconds per step (candidate features
+    cached per worker, their cost counted once per image)."""
+    key, query, pool, channel = args
     v, cache = _WORKER["verifier"], _WORKER["cache"]
     t0 = time.process_time()
     qf = v.features(query, query=True, channel=channel)
@@ -305,28 +305,32 @@ def _verify_query(args) -> tuple[int, str, float, dict]:
         r = v.verify(qf, cache[c, channel][0])
         out[c] = ((r.inliers, r.matches, r.score, r.query_box, r.candidate_box, cache[c, channel][1]),
                   time.process_time() - t0, cache[c, channel][2])
-    return qi, channel, query_s, out
+    return key, query_s, out
 
 
 def verifier_settings() -> str:
     """A short digest of the verifier's default settings: a pair's result on a channel depends
     only on its two images and these, so cached results are reused until they change. How many
-    pairs are retried on the value channel is applied to cached results, so it is left out."""
+    pairs are retried on the value channel or on a window is applied to cached results, so it is
+    left out."""
     import hashlib
     import inspect
 
     from pipeline.verify import Verifier
 
     sig = inspect.signature(Verifier.__init__)
-    sig = sig.replace(parameters=[p for n, p in sig.parameters.items() if not n.startswith("colour_retr")])
+    sig = sig.replace(parameters=[p for n, p in sig.parameters.items() if not n.startswith(("colour_retr", "window_retr"))])
     return hashlib.sha256(str(sig).encode()).hexdigest()[:10]
 
 
-def verify_pools(ds: Dataset, cands: list[list[Candidate]], method: str, workers: int, cache_file: Path | None):
+def verify_pools(ds: Dataset, cands: list[list[Candidate]], boxes: list[list], method: str, workers: int,
+                 cache_file: Path | None):
     """Verify each query's search pool (pipeline.search.verification_pool) in place, as
     ``Verifier.verify_many`` does: luma first, then the first ``colour_retries`` failures again on
-    the value channel. Results are cached on disk per pair and channel: a changed pool verifies
-    only its new members."""
+    the value channel, then the first ``window_retries`` that still fail on the query cropped to
+    the window that found them (``boxes``: each query's region boxes). Results are cached on disk
+    per pair and pass (a window's keyed by its box too): a changed pool verifies only its new
+    members."""
     from pipeline.verify import Verifier, value_thumbnail
 
     verifier = Verifier(method=method)
@@ -335,27 +339,27 @@ def verify_pools(ds: Dataset, cands: list[list[Candidate]], method: str, workers
     cached = {"pairs": {}, "query_s": {}, "candidate_s": {}}
     if cache_file and cache_file.exists():
         cached = pickle.loads(cache_file.read_bytes())
-    for key in ("value_pairs", "value_query_s", "value_candidate_s"):
+    for key in ("value_pairs", "value_query_s", "value_candidate_s", "window_pairs", "window_query_s"):
         cached.setdefault(key, {})
-    prefix = {"luma": "", "value": "value_"}
 
-    def run(todo: list, channel: str) -> None:
+    def run(todo: list, channel: str, prefix: str) -> None:
+        """``todo``: (key, query image, corpus ids); results under ``prefix`` + pairs/query_s."""
         todo = [t for t in todo if t[2]]
         if not todo:
             return
         images = {c: ds.corpus_bytes(c) for _, _, pool in todo for c in pool}
         with ProcessPoolExecutor(workers, initializer=_verify_init, initargs=(images, method)) as ex:
-            for qi, ch, query_s, out in ex.map(_verify_query, [t + (channel,) for t in todo], chunksize=4):
-                cached[prefix[ch] + "query_s"][qi] = query_s
+            for key, query_s, out in ex.map(_verify_query, [t + (channel,) for t in todo], chunksize=4):
+                cached[prefix + "query_s"][key] = query_s
                 for c, (result, match_s, features_s) in out.items():
-                    cached[prefix[ch] + "pairs"][(qi, c)] = (result, match_s)
-                    cached[prefix[ch] + "candidate_s"].setdefault(c, features_s)
+                    cached[prefix + "pairs"][(key, c)] = (result, match_s)
+                    cached[("value_" if channel == "value" else "") + "candidate_s"].setdefault(c, features_s)
         if cache_file:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_bytes(pickle.dumps(cached))
 
     run([(qi, ds.queries[qi], [c.id for c in p if (qi, c.id) not in cached["pairs"]]) for qi, p in enumerate(pools)],
-        "luma")
+        "luma", "")
     thumbs: dict = {}
 
     def thumb(key):  # value thumbnails of queries ("q", i) and corpus images ("c", i)
@@ -371,39 +375,68 @@ def verify_pools(ds: Dataset, cands: list[list[Candidate]], method: str, workers
 
     retried = [retried_of(qi, p) if retries else [] for qi, p in enumerate(pools)]
     run([(qi, ds.queries[qi], [c for c in r if (qi, c) not in cached["value_pairs"]]) for qi, r in enumerate(retried)],
-        "value")
+        "value", "value_")
+
+    def after_colour(qi: int, c: int) -> tuple:
+        result = cached["pairs"][(qi, c)][0]
+        return cached["value_pairs"][(qi, c)][0] if c in retried[qi] and cached["value_pairs"][(qi, c)][0][2] else result
+
+    whole = [(0, 0, *q.size) for q in ds.queries]
+    windowed = [[(c.id, tuple(boxes[qi][c.region])) for c in p
+                 if not after_colour(qi, c.id)[2] and tuple(boxes[qi][c.region]) != whole[qi]][:verifier.window_retries]
+                for qi, p in enumerate(pools)]
+    todo = {}
+    for qi, found in enumerate(windowed):
+        for c, box in found:
+            if ((qi, box), c) not in cached["window_pairs"]:
+                todo.setdefault((qi, box), []).append(c)
+    run([((qi, box), ds.queries[qi].crop(box), ids) for (qi, box), ids in todo.items()], "luma", "window_")
     qf, mt, sizes, per_query = [], [], [], []
     cf = np.mean(list(cached["candidate_s"].values()))
     cf_value = np.mean(list(cached["value_candidate_s"].values())) if cached["value_candidate_s"] else 0.0
-    rescued = 0
+    rescued = {"value": 0, "window": 0}
     for qi, pool in enumerate(pools):
-        matched = []
+        matched, window_of = [], dict(windowed[qi])
         for c in pool:
             result, match_s = cached["pairs"][(qi, c.id)]
             if c.id in retried[qi]:
                 again, value_s = cached["value_pairs"][(qi, c.id)]
                 match_s += value_s + cf_value
                 if again[2]:
-                    result, rescued = again, rescued + 1
+                    result, rescued["value"] = again, rescued["value"] + 1
+            if c.id in window_of:
+                again, window_s = cached["window_pairs"][((qi, window_of[c.id]), c.id)]
+                match_s += window_s
+                if again[2]:
+                    result, rescued["window"] = _shifted(again, window_of[c.id]), rescued["window"] + 1
             inliers, matches, score, qbox, cbox, size = result
             c.inliers, c.matches, c.verify_score, c.query_box, c.match_box = inliers, matches, score, qbox, cbox
             c.candidate_size = size
             matched.append(match_s)
         if pool:
-            qf.append(cached["query_s"][qi] + (cached["value_query_s"][qi] if retried[qi] else 0.0))
+            qf.append(cached["query_s"][qi] + (cached["value_query_s"][qi] if retried[qi] else 0.0)
+                      + sum(cached["window_query_s"][(qi, box)] for box in set(window_of.values())))
             per_query.append(qf[-1] + cf * len(pool) + sum(matched))
         mt += matched
         sizes.append(len(pool))
     per_query = np.asarray(per_query)
     return pools, {
         "method": method, "queries": len(pools), "pairs": len(mt), "pool_mean": round(float(np.mean(sizes)), 1),
-        "colour_retries": retries, "pairs_retried": sum(len(r) for r in retried), "pairs_rescued": rescued,
+        "colour_retries": retries, "pairs_retried": sum(len(r) for r in retried), "pairs_rescued": rescued["value"],
+        "window_retries": verifier.window_retries, "pairs_retried_on_windows": sum(len(w) for w in windowed),
+        "pairs_rescued_on_windows": rescued["window"],
         "query_features_cpu_ms": round(1000 * float(np.mean(qf)), 1),
         "candidate_features_cpu_ms": round(1000 * float(cf), 1),
         "match_cpu_ms": round(1000 * float(np.mean(mt)), 1),
         "cpu_s_per_query_mean": round(float(per_query.mean()), 3),
         "cpu_s_per_query_p95": round(float(np.percentile(per_query, 95)), 3),
     }
+
+
+def _shifted(result: tuple, box: tuple) -> tuple:
+    """A cached window result with its query box in whole-query pixels."""
+    inliers, matches, score, (x0, y0, x1, y1), cbox, size = result
+    return inliers, matches, score, (x0 + box[0], y0 + box[1], x1 + box[0], y1 + box[1]), cbox, size
 
 
 def final_ranking(ds: Dataset, cands, boxes, model: scoring.ScoreModel) -> list[list[Candidate]]:
@@ -535,7 +568,7 @@ def run_dataset(args, ds: Dataset, model: scoring.ScoreModel | None) -> dict:
         f"{ds.split}-e{args.edits_per_ref}.{args.distractor_edits}-l{args.limit}" + \
         (f"-d{len(ds.extra)}" if ds.extra else "")
     cache = DevsetCache(Path(args.cache)).verified_pairs(name, args.method, verifier_settings())
-    pools, vstats = verify_pools(ds, cands, args.method, args.workers, cache)
+    pools, vstats = verify_pools(ds, cands, boxes, args.method, args.workers, cache)
     by_evidence = [sorted(c, key=lambda c: (-bool(c.verify_score), -(c.verify_score or 0) - c.score_exact)) for c in cands]
     record(f"{emb.name}: + verification", _ids_scores(by_evidence, lambda c: (c.verify_score or 0) + c.score_exact))
     out["verification"] = vstats

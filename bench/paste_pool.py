@@ -10,7 +10,8 @@ split's corpus, regions merged), and the pool verification would see is cut at s
 the share of pastes whose reference is in it. Then each paste is verified against its reference
 as search verifies it (its whole pool; SIFT on the whole query), then the ``--retries`` most
 similar pool members that failed and were found by a window other than the whole image are
-tried again on the query cropped to that window: the retry docs/BENCHMARKS.md simulates.
+tried again on the query cropped to that window: the simulation that chose the window retry
+``Verifier.verify_many`` now makes (``window_retries``; ``copy_detection`` measures the built one).
 ``--distractors`` does the same for the split's distractor queries: how many would have some
 pool member newly verified by the retry.
 Figures in docs/BENCHMARKS.md ("Object windows for cut-outs").

@@ -446,17 +446,20 @@ def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3,
     return pool + rest[: (size or pool_size(top)) - len(pool)]
 
 
-def verify_query(image, rows: list[dict[str, Any]], storage) -> list[tuple]:
-    """One query against its candidates (pixels fetched by ranged reads): a Ray task."""
+def verify_query(image, rows: list[dict[str, Any]], windows: list[tuple], storage) -> list[tuple]:
+    """One query against its candidates (pixels fetched by ranged reads), each with the query
+    window that found it: a Ray task."""
     from pipeline.verify import Verifier
 
     images = [fetch_image(r, storage) for r in rows]
     return [(int(v.inliers), int(v.matches), float(v.score), v.query_box, v.candidate_box, im.size)
-            for v, im in zip(Verifier().verify_many(image, images), images)]
+            for v, im in zip(Verifier().verify_many(image, images, windows), images)]
 
 
-def verify_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counters) -> None:
-    """Local-feature verification fanned out as one Ray task per query."""
+def verify_stage(images, picks: list[list[Candidate]], boxes: list[tuple], cfg: SearchConfig, counters) -> None:
+    """Local-feature verification fanned out as one Ray task per query. ``boxes`` are the
+    queries' region boxes (``Candidate.region`` indexes them): a candidate that fails on the
+    whole query is retried on the window that found it."""
     import ray
 
     from pipeline.ray_util import RetryPolicy, cluster_cpus, run_bounded
@@ -472,7 +475,8 @@ def verify_stage(images, picks: list[list[Candidate]], cfg: SearchConfig, counte
 
     # bounded: query images wait in the object store
     run_bounded([qi for qi, pool in enumerate(pools) if pool],
-                lambda qi, _actor: task.remote(images[qi], [c.row for c in pools[qi]], cfg.s3), record,
+                lambda qi, _actor: task.remote(images[qi], [c.row for c in pools[qi]],
+                                              [boxes[c.region] for c in pools[qi]], cfg.s3), record,
                 window=lambda: max(2, 2 * int(cluster_cpus())),
                 retry=RetryPolicy(max_attempts=4, retry_on=(OSError, ray.exceptions.WorkerCrashedError)))
 
@@ -519,7 +523,7 @@ def match_images(images, cfg: SearchConfig, depth: int, embedder, searcher, sour
         picks = [p[: cfg.rerank_top] for p in picks]
     if cfg.verify_top and vectors is None:
         with timed(counters, "verification"):
-            verify_stage(images, picks, cfg, counters)
+            verify_stage(images, picks, boxes, cfg, counters)
     ranked = [rank(p, model, size, boxes) for p, size in zip(picks, sizes)]
     # Region numbers and boxes per query from here on (a query's rows never depend on its batch).
     first = np.searchsorted(owner, np.arange(len(sizes) + 1))

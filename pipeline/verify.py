@@ -19,7 +19,8 @@ Global descriptors rank candidates; this module checks a short list of them geom
    often flipped) and the better accepted attempt is kept; in :meth:`Verifier.verify_many`, up
    to ``colour_retries`` candidates that still fail but look like a recolouring of the query are
    tried once more on the value channel (the largest of R, G and B, which a hue rotation keeps
-   while it can invert luma contrast);
+   while it can invert luma contrast), and up to ``window_retries`` on the query cropped to the
+   window (query region) that found them, which frames a pasted object;
 5. the matched region is where the aligned images agree: the candidate is warped onto the
    query and the local normalised cross-correlation marks the pixels that match; the query
    box is the bounding box of the agreeing area connected to the inliers (never smaller than
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -154,6 +155,7 @@ class Verifier:
         time_budget_s: float = 1.0,
         colour_retries: int = 3,
         colour_retry_min_corr: float = 0.7,
+        window_retries: int = 3,
     ):
         import cv2
 
@@ -168,6 +170,7 @@ class Verifier:
         self.min_inliers, self.min_inlier_ratio, self.score_scale = min_inliers, min_inlier_ratio, score_scale
         self.try_flip, self.refine_box, self.time_budget_s = try_flip, refine_box, time_budget_s
         self.colour_retries, self.colour_retry_min_corr = colour_retries, colour_retry_min_corr
+        self.window_retries = window_retries
         if method == "orb":
             def orb(n: int):
                 return cv2.ORB_create(nfeatures=n, scaleFactor=1.2, nlevels=8, fastThreshold=fast_threshold)
@@ -356,17 +359,29 @@ class Verifier:
             seconds=time.perf_counter() - t0,
         )
 
-    def verify_many(self, query: Image.Image, candidates: list[Image.Image | Features]) -> list[Verification]:
-        """One query against several candidates (best first); the query's features are computed
-        once. Of the candidate images that fail on luma, those whose value thumbnails correlate
-        with the query's (:func:`value_thumbnail`, at least ``colour_retry_min_corr``) are tried
-        again on the value channel, the ``colour_retries`` most correlated: a hue rotation can invert
-        luma contrast (yellow on blue becomes blue on yellow) and leave too few matching
-        keypoints, but keeps each pixel's largest channel. The correlation keeps the retries to
-        plausible recolourings: on the validation split's real images no retry found a copy, and
-        retrying the first 3 failures regardless cost 0.35 s of CPU per query there (gated: 0.1 s)."""
+    def verify_many(self, query: Image.Image, candidates: list[Image.Image | Features],
+                    windows: list[Box | None] | None = None) -> list[Verification]:
+        """One query against several candidates (best first); the query's features, and each
+        candidate's, are computed once. Candidates that fail get two more chances:
+
+        - *colour*: of the candidate images that fail on luma, those whose value thumbnails
+          correlate with the query's (:func:`value_thumbnail`, at least ``colour_retry_min_corr``)
+          are tried again on the value channel, the ``colour_retries`` most correlated: a hue
+          rotation can invert luma contrast (yellow on blue becomes blue on yellow) and leave too
+          few matching keypoints, but keeps each pixel's largest channel. The correlation keeps
+          the retries to plausible recolourings: on the validation split's real images no retry
+          found a copy, and retrying the first 3 failures regardless cost 0.35 s of CPU per
+          query there (gated: 0.1 s);
+        - *window*: the first ``window_retries`` that still fail and have a window (``windows[j]``,
+          the query region whose descriptor found the candidate, in query pixels) smaller than
+          the whole query are tried again on the query cropped to that window. A pasted object
+          is a small part of a busy scene: the whole query's keypoints and ratio test drown its
+          matches (docs/BENCHMARKS.md, "Object windows for cut-outs"), the window that found it
+          frames it. Each distinct window's features are computed once; the boxes and transform
+          of a window's answer are in whole-query pixels."""
         q = self.features(query, query=True)
-        out = [self.verify(q, c) for c in candidates]
+        feats = [c if isinstance(c, Features) else self.features(c) for c in candidates]
+        out = [self.verify(q, f) for f in feats]
         failed = [j for j, v in enumerate(out) if not v.verified and isinstance(candidates[j], Image.Image)]
         if failed and self.colour_retries:
             thumb = value_thumbnail(query)
@@ -379,7 +394,26 @@ class Verifier:
             again = self.verify(q_value, self.features(candidates[j], channel="value"))
             if again.verified:
                 out[j] = again
+        whole = (0, 0, *query.size)
+        retry = [j for j, v in enumerate(out) if not v.verified and windows and windows[j] is not None
+                 and tuple(windows[j]) != whole][: self.window_retries]
+        on_window: dict[Box, Features] = {}
+        for j in retry:
+            box = tuple(int(v) for v in windows[j])
+            if box not in on_window:
+                on_window[box] = self.features(query.crop(box), query=True)
+            again = self.verify(on_window[box], feats[j])
+            if again.verified:
+                out[j] = _shifted(again, box[0], box[1])
         return out
+
+
+def _shifted(v: Verification, dx: int, dy: int) -> Verification:
+    """A verification of a crop whose origin is (dx, dy), in the whole image's pixels."""
+    x0, y0, x1, y1 = v.query_box
+    shift = np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+    m = (shift @ _as3x3(v.transform))[: v.transform.shape[0]]
+    return replace(v, query_box=(x0 + dx, y0 + dy, x1 + dx, y1 + dy), transform=m)
 
 
 def value_thumbnail(image: Image.Image, side: int = 24) -> np.ndarray:

@@ -137,6 +137,31 @@ def test_a_hue_rotation_that_inverts_luma_contrast_is_verified_on_the_value_chan
             synthetic.scene(5))
 
 
+def test_a_small_pasted_object_is_verified_on_the_window_that_found_it():
+    """A photograph pasted at 15-20% of a busy scene's width: the whole query's keypoints drown
+    its matches, the query cropped to the window that found it verifies it, with the box and
+    transform in whole-query pixels. A whole-image window, no window, ``window_retries=0`` or a
+    retry spent on an earlier failure leave it unverified."""
+    photos = dict(synthetic.real_photos())
+    if not {"skimage:coffee", "skimage:rocket"} <= photos.keys():
+        pytest.skip("scikit-image's sample photographs are not installed (dev extra)")
+    src, scene = photos["skimage:coffee"], photos["skimage:rocket"].resize((1024, 768))
+    query, box = synthetic.paste_object(src, scene, np.random.default_rng(0), min_width=0.15, max_width=0.2)
+    window = (max(0, box[0] - 40), max(0, box[1] - 30), min(query.width, box[2] + 40), min(query.height, box[3] + 30))
+    v = Verifier()
+    assert not v.verify(query, src).verified
+    unrelated, copied = v.verify_many(query, [synthetic.scene(5), src], [window, window])
+    assert not unrelated.verified and copied.verified and copied.inliers >= 3 * v.min_inliers
+    assert _iou(copied.query_box, box) >= 0.5, (copied.query_box, box)
+    cx0, cy0, cx1, cy1 = copied.candidate_box
+    centre = copied.transform @ np.array([(cx0 + cx1) / 2, (cy0 + cy1) / 2, 1.0])
+    assert box[0] <= centre[0] <= box[2] and box[1] <= centre[1] <= box[3], (centre, box)
+    assert not v.verify_many(query, [src], [(0, 0, *query.size)])[0].verified
+    assert not v.verify_many(query, [src])[0].verified
+    assert not Verifier(window_retries=0).verify_many(query, [src], [window])[0].verified
+    assert not Verifier(window_retries=1).verify_many(query, [synthetic.scene(5), src], [window, window])[1].verified
+
+
 def test_module_level_verify_and_tiny_images():
     src = synthetic.scene(80, (300, 240))
     assert verify(synthetic.apply_edit("jpeg", src, seed=1), src).verified
