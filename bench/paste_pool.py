@@ -3,6 +3,7 @@
     python bench/paste_pool.py --split fit --edits-per-ref 22          # every fit reference pasted twice
     python bench/paste_pool.py --split validation --corpus-distractors 10000
     python bench/paste_pool.py --split validation --distractors        # + distractor queries' pools
+    python bench/paste_pool.py --split fit --edits-per-ref 22 --candidate-sides 288 256 224 192 160
 
 For the pasted-object queries of a development-benchmark split (``copy_detection.build_split``),
 search's candidates are formed as ``copy_detection`` forms them (exact similarities against the
@@ -13,7 +14,10 @@ similar pool members that failed and were found by a window other than the whole
 tried again on the query cropped to that window: the simulation that chose the window retry
 ``Verifier.verify_many`` now makes (``window_retries``; ``copy_detection`` measures the built one).
 ``--distractors`` does the same for the split's distractor queries: how many would have some
-pool member newly verified by the retry.
+pool member newly verified by the retry. ``--candidate-sides`` verifies each paste's reference
+(when it is in the largest pool measured) with candidates worked at other sizes, on the whole
+query and then on the window that found it: what a cheaper candidate side, which pays for a
+larger pool, costs in verification.
 Figures in docs/BENCHMARKS.md ("Object windows for cut-outs").
 """
 from __future__ import annotations
@@ -64,6 +68,32 @@ class PasteCheck:
         return self.verifier.features(query.crop(box), query=True)
 
 
+def reference_at_sides(check: PasteCheck, qi: int, top: int, sides: list[int]) -> dict:
+    """Is paste ``qi``'s reference verified with candidates worked at each of ``sides`` (whole
+    query, then the window that found it), and the CPU of its candidate features at each side?"""
+    from pipeline.verify import Verifier
+
+    query, gt = check.ds.queries[qi], int(check.ds.query_gt[qi])
+    cands, boxes = cd.query_candidates(query, check.emb, check.corpus, regions=True)
+    found = [c for c in verification_pool(cands, top, size=max(POOL_SIZES)) if c.id == gt]
+    if not found:
+        return {}
+    window = boxes[found[0].region]
+    reference = devset.flatten(check.ds.corpus_image(gt))
+    qf = check.verifier.features(query, query=True)
+    wf = check.on_window(query, window) if window != boxes[0] else None
+    row = {}
+    for side in sides:
+        v = Verifier(candidate_max_side=side)
+        t = time.process_time()
+        cf = v.features(reference)
+        row[f"{side} features s"] = time.process_time() - t
+        ok = v.verify(qf, cf).verified
+        row[f"{side} whole"] = ok
+        row[f"{side} + window"] = ok or (wf is not None and v.verify(wf, cf).verified)
+    return row
+
+
 def query_row(check: PasteCheck, qi: int, top: int, retries: int) -> dict:
     """One query as search verifies it (its pool, luma, whole query), then the ``retries`` most
     similar failures found by a window other than the whole image tried again on that window
@@ -100,6 +130,8 @@ def main() -> None:
                     help="add N corpus images made from the fit split's (bench/corpus_distractors.py)")
     ap.add_argument("--distractors", action="store_true", help="also verify distractor queries' pools")
     ap.add_argument("--retries", type=int, default=3, help="failing pool members retried on their windows")
+    ap.add_argument("--candidate-sides", type=int, nargs="*", metavar="PX",
+                    help="instead: verify each paste's reference with candidates worked at these sides")
     ap.add_argument("--object-regions", type=int, default=cd.EmbedderConfig().query_object_regions)
     ap.add_argument("--cache", default="/tmp/replica-devset", help="the development benchmark's package cache")
     args = ap.parse_args()
@@ -115,6 +147,16 @@ def main() -> None:
     refs = [it for it in items if it.split == args.split and it.role == "reference"]
     pastes = [i for i, e in enumerate(ds.query_edit) if e == "paste"]
     cutout = {i: refs[int(ds.query_gt[i])].image().mode in ("RGBA", "LA", "PA") for i in pastes}
+    if args.candidate_sides:
+        found = {i: r for i in pastes if (r := reference_at_sides(check, i, top, args.candidate_sides))}
+        keys = [f"{side} {k}" for side in args.candidate_sides for k in ("whole", "+ window")]
+        print(f"{args.split}: {len(found)} of {len(pastes)} pastes' references in the pool of {max(POOL_SIZES)}")
+        for name, part in (("all", list(found.values())), ("cut-outs", [r for i, r in found.items() if cutout[i]])):
+            print(f"  {name} ({len(part)}): verified", summary(part, keys))
+        print("  candidate features, ms:", {side: round(1000 * float(np.mean([r[f"{side} features s"]
+                                                                          for r in found.values()])), 1)
+                                           for side in args.candidate_sides})
+        return
     rows = {i: query_row(check, i, top, args.retries) for i in pastes}
     print(f"{args.split}, {len(rows)} pastes, corpus {len(check.corpus):,}; search's pool: {pool_size(top)}")
     for name, part in (("all", list(rows.values())), ("cut-outs", [r for i, r in rows.items() if cutout[i]]),

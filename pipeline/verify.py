@@ -107,9 +107,11 @@ def _grey_array(image: Image.Image, max_side: int, channel: str = "luma") -> tup
     keeps), scaled and equalised."""
     w, h = image.size
     scale = min(1.0, max_side / max(w, h))
-    # Small images are enlarged a little: detectors need some pixels to work with.
-    if max(w, h) * scale < 256:
-        scale = 256 / max(w, h)
+    # Small images are enlarged a little: detectors need some pixels to work with (256 px, or
+    # max_side when that is smaller: a smaller working side is asked for to save CPU).
+    floor = min(256, max_side)
+    if max(w, h) * scale < floor:
+        scale = floor / max(w, h)
     if channel == "value" and image.mode == "RGB":
         from pipeline.embedders.base import value_channel
 

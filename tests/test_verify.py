@@ -104,6 +104,10 @@ def test_work_per_pair_is_bounded():
     assert len(f) <= 300 and len(q) <= 600 and len(q.mirrored) <= 600
     assert f.scale == pytest.approx(256 / 1600) and q.scale == pytest.approx(320 / 1600)
     assert f.points[:, 0].max() < 1600 and f.points[:, 1].max() < 1200  # original pixels
+    # small images are enlarged to 256 px, or to a smaller working side when one is asked for
+    small = synthetic.scene(8, (100, 80))
+    assert v.features(small).scale == pytest.approx(256 / 100)
+    assert Verifier(candidate_max_side=192).features(small).scale == pytest.approx(192 / 100)
 
 
 def test_verify_many_and_precomputed_features(verifier):
