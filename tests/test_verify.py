@@ -141,17 +141,40 @@ def test_a_hue_rotation_that_inverts_luma_contrast_is_verified_on_the_value_chan
             synthetic.scene(5))
 
 
-def test_a_small_pasted_object_is_verified_on_the_window_that_found_it():
-    """A photograph pasted at 15-20% of a busy scene's width: the whole query's keypoints drown
-    its matches, the query cropped to the window that found it verifies it, with the box and
-    transform in whole-query pixels. A whole-image window, no window, ``window_retries=0`` or a
-    retry spent on an earlier failure leave it unverified."""
+def _small_paste():
+    """scikit-image's coffee photograph pasted at 15-20% of the width of its rocket photograph
+    (1024 x 768): the source, the query, the pasted box, and a window around it."""
     photos = dict(synthetic.real_photos())
     if not {"skimage:coffee", "skimage:rocket"} <= photos.keys():
         pytest.skip("scikit-image's sample photographs are not installed (dev extra)")
     src, scene = photos["skimage:coffee"], photos["skimage:rocket"].resize((1024, 768))
     query, box = synthetic.paste_object(src, scene, np.random.default_rng(0), min_width=0.15, max_width=0.2)
     window = (max(0, box[0] - 40), max(0, box[1] - 30), min(query.width, box[2] + 40), min(query.height, box[3] + 30))
+    return src, query, box, window
+
+
+def _tar_rows(tmp_path, images) -> tuple[list[dict], list[bytes]]:
+    """The images as JPEGs in one tar: embedding-row columns (tar_url, tar_offset, tar_size) and bytes."""
+    tar_path, blobs = tmp_path / "00000.tar", []
+    with tarfile.open(tar_path, "w") as tar:
+        for k, im in enumerate(images):
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=92)
+            blobs.append(buf.getvalue())
+            info = tarfile.TarInfo(f"{k:09d}.jpg")
+            info.size = len(blobs[-1])
+            tar.addfile(info, io.BytesIO(blobs[-1]))
+    with tarfile.open(tar_path) as tar:
+        rows = [{"tar_url": str(tar_path), "tar_offset": m.offset_data, "tar_size": m.size} for m in tar.getmembers()]
+    return rows, blobs
+
+
+def test_a_small_pasted_object_is_verified_on_the_window_that_found_it():
+    """A photograph pasted at 15-20% of a busy scene's width: the whole query's keypoints drown
+    its matches, the query cropped to the window that found it verifies it, with the box and
+    transform in whole-query pixels. A whole-image window, no window, ``window_retries=0`` or a
+    retry spent on an earlier failure leave it unverified."""
+    src, query, box, window = _small_paste()
     v = Verifier()
     assert not v.verify(query, src).verified
     unrelated, copied = v.verify_many(query, [synthetic.scene(5), src], [window, window])
@@ -175,23 +198,41 @@ def test_module_level_verify_and_tiny_images():
 
 
 def test_load_candidate_with_one_ranged_read(tmp_path):
-    images = [synthetic.scene(s, (200, 150)) for s in (90, 91)]
-    tar_path = tmp_path / "00000.tar"
-    blobs = []
-    with tarfile.open(tar_path, "w") as tar:
-        for k, im in enumerate(images):
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=92)
-            blobs.append(buf.getvalue())
-            info = tarfile.TarInfo(f"{k:09d}.jpg")
-            info.size = len(blobs[-1])
-            tar.addfile(info, io.BytesIO(blobs[-1]))
-    with tarfile.open(tar_path) as tar:
-        member = tar.getmember("000000001.jpg")
-        offset, size = member.offset_data, member.size
-    got = load_candidate(str(tar_path), offset, size)
+    rows, blobs = _tar_rows(tmp_path, [synthetic.scene(s, (200, 150)) for s in (90, 91)])
+    got = load_candidate(rows[1]["tar_url"], rows[1]["tar_offset"], rows[1]["tar_size"])
     assert got.size == (200, 150)
     assert np.array_equal(np.asarray(got), np.asarray(Image.open(io.BytesIO(blobs[1])).convert("RGB")))
+
+
+def test_search_verification_retries_each_candidate_on_its_own_window(tmp_path, ray_local):
+    """Search's verification stage (Ray tasks, candidates read from a tar) gives each candidate
+    the box of the region that found it: ``Candidate.region`` numbers the regions of the whole
+    batch, so the second query's window is found past the first query's regions."""
+    from collections import Counter
+
+    from pipeline.config import SearchConfig
+    from pipeline.search import Candidate, verify_stage
+
+    src, query, box, window = _small_paste()
+    other = synthetic.scene(7, (400, 300))
+    rows, _ = _tar_rows(tmp_path, [src, synthetic.scene(5)])
+    boxes = [(0, 0, *other.size), (0, 0, 200, 150), (0, 0, *query.size), window]  # regions 0-1, then 2-3
+
+    def candidates(region: int) -> list[list[Candidate]]:
+        return [[Candidate(1, 0.5, 0.5, 1, row=rows[1])],
+                [Candidate(0, 0.5, 0.5, region, row=rows[0]), Candidate(1, 0.4, 0.4, region, row=rows[1])]]
+
+    found = candidates(3)
+    counters = Counter()
+    verify_stage([other, query], found, boxes, SearchConfig(), counters)
+    copied, unrelated = found[1]
+    assert copied.verify_score > 0 and _iou(copied.query_box, box) >= 0.5, (copied, box)
+    assert copied.candidate_size == src.size
+    assert unrelated.verify_score == 0 and found[0][0].verify_score == 0
+    assert counters["pixels_fetched"] == 3
+    whole = candidates(2)  # found by the whole query: nothing to retry
+    verify_stage([other, query], whole, boxes, SearchConfig(), Counter())
+    assert whole[1][0].verify_score == 0
 
 
 @pytest.mark.parametrize("method", ["orb", "rootsift", "akaze"])
