@@ -9,10 +9,10 @@ For the pasted-object queries of a development-benchmark split (``copy_detection
 search's candidates are formed as ``copy_detection`` forms them (exact similarities against the
 split's corpus, regions merged), and the pool verification would see is cut at several sizes:
 the share of pastes whose reference is in it. Then each paste is verified against its reference
-as search verifies it (its whole pool; SIFT on the whole query), then the ``--retries`` most
-similar pool members that failed and were found by a window other than the whole image are
-tried again on the query cropped to that window: the simulation that chose the window retry
-``Verifier.verify_many`` now makes (``window_retries``; ``copy_detection`` measures the built one).
+as search verifies it (its whole pool; SIFT on the whole query), then the first ``--retries``
+pool members that failed and were found by a window other than the whole image are tried again
+on the query cropped to that window (``Verifier.retry_on_windows``, search's window retry; this
+measurement chose it, and ``copy_detection`` measures it in full).
 ``--distractors`` does the same for the split's distractor queries: how many would have some
 pool member newly verified by the retry. ``--candidate-sides`` verifies each paste's reference
 (when it is in the largest pool measured) with candidates worked at other sizes, on the whole
@@ -54,15 +54,14 @@ class PasteCheck:
         t = time.time()
         self.corpus = cd.corpus_vectors(ds, self.emb)
         print(f"corpus: {len(self.corpus):,} images embedded in {time.time() - t:.0f} s", flush=True)
-        self.verifier, self._features = Verifier(), {}
+        self.verifier, self._features = Verifier(window_retries=args.retries), {}
+        # verifiers working candidates at other sides (--candidate-sides)
+        self.at_side = {side: Verifier(candidate_max_side=side) for side in args.candidate_sides or ()}
 
     def features(self, c: int):
         if c not in self._features:
             self._features[c] = self.verifier.features(devset.flatten(self.ds.corpus_image(c)))
         return self._features[c]
-
-    def verified(self, query_features, c: int) -> bool:
-        return self.verifier.verify(query_features, self.features(c)).verified
 
     def on_window(self, query, box):
         return self.verifier.features(query.crop(box), query=True)
@@ -71,8 +70,6 @@ class PasteCheck:
 def reference_at_sides(check: PasteCheck, qi: int, top: int, sides: list[int]) -> dict:
     """Is paste ``qi``'s reference verified with candidates worked at each of ``sides`` (whole
     query, then the window that found it), and the CPU of its candidate features at each side?"""
-    from pipeline.verify import Verifier
-
     query, gt = check.ds.queries[qi], int(check.ds.query_gt[qi])
     cands, boxes = cd.query_candidates(query, check.emb, check.corpus, regions=True)
     found = [c for c in verification_pool(cands, top, size=max(POOL_SIZES)) if c.id == gt]
@@ -84,7 +81,7 @@ def reference_at_sides(check: PasteCheck, qi: int, top: int, sides: list[int]) -
     wf = check.on_window(query, window) if window != boxes[0] else None
     row = {}
     for side in sides:
-        v = Verifier(candidate_max_side=side)
+        v = check.at_side[side]
         t = time.process_time()
         cf = v.features(reference)
         row[f"{side} features s"] = time.process_time() - t
@@ -94,27 +91,25 @@ def reference_at_sides(check: PasteCheck, qi: int, top: int, sides: list[int]) -
     return row
 
 
-def query_row(check: PasteCheck, qi: int, top: int, retries: int) -> dict:
-    """One query as search verifies it (its pool, luma, whole query), then the ``retries`` most
-    similar failures found by a window other than the whole image tried again on that window
-    (features computed once per window)."""
+def query_row(check: PasteCheck, qi: int, top: int) -> dict:
+    """One query as search verifies it (its pool, luma, whole query), then
+    ``Verifier.retry_on_windows``: the first failures found by a window other than the whole
+    image tried again on that window."""
     query, gt = check.ds.queries[qi], int(check.ds.query_gt[qi])
     cands, boxes = cd.query_candidates(query, check.emb, check.corpus, regions=True)
     pool = verification_pool(cands, top)
-    qf = check.verifier.features(query, query=True)
-    ok = {c.id: check.verified(qf, c.id) for c in pool}
-    t, windows, rescued = time.process_time(), {}, set()
-    # not the whole image: the value view's window is the whole image too
-    for c in [c for c in pool if not ok[c.id] and boxes[c.region] != boxes[0]][:retries]:
-        if c.region not in windows:
-            windows[c.region] = check.on_window(query, boxes[c.region])
-        if check.verified(windows[c.region], c.id):
-            rescued.add(c.id)
+    qf, feats = check.verifier.features(query, query=True), [check.features(c.id) for c in pool]
+    first = [check.verifier.verify(qf, f) for f in feats]
+    t = time.process_time()
+    again = check.verifier.retry_on_windows(query, feats, [boxes[c.region] for c in pool], first)
+    retry_s = time.process_time() - t
+    ok = {c.id: r.verified for c, r in zip(pool, first)}
+    rescued = {c.id for c, r, a in zip(pool, first, again) if a.verified and not r.verified}
     row = {f"pool {n}": any(c.id == gt for c in verification_pool(cands, top, size=n)) for n in POOL_SIZES}
     return {**row, "in the pool": gt in ok, "verified": ok.get(gt, False),
             "verified with the retry": ok.get(gt, False) or gt in rescued,
             "some verified": any(ok.values()), "newly verified by the retry": bool(rescued) and not any(ok.values()),
-            "retry cpu s": time.process_time() - t}
+            "retry cpu s": retry_s}
 
 
 def summary(rows: list[dict], keys) -> dict:
@@ -157,7 +152,7 @@ def main() -> None:
                                                                           for r in found.values()])), 1)
                                            for side in args.candidate_sides})
         return
-    rows = {i: query_row(check, i, top, args.retries) for i in pastes}
+    rows = {i: query_row(check, i, top) for i in pastes}
     print(f"{args.split}, {len(rows)} pastes, corpus {len(check.corpus):,}; search's pool: {pool_size(top)}")
     for name, part in (("all", list(rows.values())), ("cut-outs", [r for i, r in rows.items() if cutout[i]]),
                        ("rectangles", [r for i, r in rows.items() if not cutout[i]])):
@@ -166,7 +161,7 @@ def main() -> None:
         print(f"  {name}, in the pool ({len(in_pool)}):", summary(in_pool, ["verified", "verified with the retry"]))
     print(f"  retry CPU {1000 * np.mean([r['retry cpu s'] for r in rows.values()]):.0f} ms per paste query")
     if args.distractors:
-        found = [query_row(check, i, top, args.retries) for i, e in enumerate(ds.query_edit) if e == "distractor"]
+        found = [query_row(check, i, top) for i, e in enumerate(ds.query_edit) if e == "distractor"]
         print(f"  distractor queries ({len(found)}):", summary(found, ["some verified", "newly verified by the retry"]),
               f"retry CPU {1000 * np.mean([r['retry cpu s'] for r in found]):.0f} ms per query")
 

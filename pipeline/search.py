@@ -429,13 +429,13 @@ def pool_size(top: int) -> int:
 
 def verification_pool(cands: list[Candidate], top: int, region_rank: int = 3,
                       size: int | None = None) -> list[Candidate]:
-    """What verification looks at, ``size`` candidates at most (default ``pool_size(top)``:
-    1.7 s of CPU a query on average at the default 12, retries included, docs/BENCHMARKS.md): the best ``top`` by
-    similarity (the best region's); then the best by the whole image's similarity (a crop or a
-    rotated copy can score higher whole than any region of another image does, yet rank below
-    images that one region resembles); then candidates near the head of some single region's
-    list (an object pasted into a new scene ranks high in its own region but may score low
-    overall). Those take the most places, twice ``top``: with a hundred windows, many heads of
+    """What verification looks at, ``size`` candidates at most (default ``pool_size(top)``: 1.7 s
+    of CPU a query on average at the default 12, retries included, docs/BENCHMARKS.md): the best
+    ``top`` by similarity (the best region's); then the best by the whole image's similarity (a
+    crop or a rotated copy can score higher whole than any region of another image does, yet rank
+    below images that one region resembles); then candidates near the head of some single
+    region's list (an object pasted into a new scene ranks high in its own region but may score
+    low overall). Those take the most places, twice ``top``: with a hundred windows, many heads of
     lists compete, and a pasted object's source often heads one window's list at a lower
     similarity than chance matches head others'."""
     pool = cands[:top]

@@ -396,15 +396,22 @@ class Verifier:
             again = self.verify(q_value, self.features(candidates[j], channel="value"))
             if again.verified:
                 out[j] = again
-        whole = (0, 0, *query.size)
-        retry = [j for j, v in enumerate(out) if not v.verified and windows and windows[j] is not None
+        return self.retry_on_windows(query, feats, windows, out) if windows else out
+
+    def retry_on_windows(self, query: Image.Image, candidates: list[Features], windows: list[Box | None],
+                         results: list[Verification]) -> list[Verification]:
+        """``results`` with the first ``window_retries`` failures whose window is smaller than
+        the whole query verified again on the query cropped to that window (each window's
+        features computed once), in whole-query pixels."""
+        out, whole = list(results), (0, 0, *query.size)
+        retry = [j for j, v in enumerate(out) if not v.verified and windows[j] is not None
                  and tuple(windows[j]) != whole][: self.window_retries]
         on_window: dict[Box, Features] = {}
         for j in retry:
             box = tuple(int(v) for v in windows[j])
             if box not in on_window:
                 on_window[box] = self.features(query.crop(box), query=True)
-            again = self.verify(on_window[box], feats[j])
+            again = self.verify(on_window[box], candidates[j])
             if again.verified:
                 out[j] = _shifted(again, box[0], box[1])
         return out
