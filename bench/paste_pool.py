@@ -4,6 +4,7 @@
     python bench/paste_pool.py --split validation --corpus-distractors 10000
     python bench/paste_pool.py --split validation --distractors        # + distractor queries' pools
     python bench/paste_pool.py --split fit --edits-per-ref 22 --candidate-sides 288 256 224 192 160
+    python bench/paste_pool.py --split fit --edits-per-ref 22 --windows
 
 For the pasted-object queries of a development-benchmark split (``copy_detection.build_split``),
 search's candidates are formed as ``copy_detection`` forms them (exact similarities against the
@@ -17,7 +18,10 @@ measurement chose it, and ``copy_detection`` measures it in full).
 pool member newly verified by the retry. ``--candidate-sides`` verifies each paste's reference
 (when it is in the largest pool measured) with candidates worked at other sizes, on the whole
 query and then on the window that found it: what a cheaper candidate side, which pays for a
-larger pool, costs in verification.
+larger pool, costs in verification. ``--windows`` asks whether the pastes outside the pool are
+lost for want of a window that frames them: the best overlap (IoU) of any query window with the
+pasted box, and the reference's rank over the split's corpus when the pasted box itself, or the
+box of its visible (alpha) part, is the window.
 Figures in docs/BENCHMARKS.md ("Object windows for cut-outs").
 """
 from __future__ import annotations
@@ -91,6 +95,30 @@ def reference_at_sides(check: PasteCheck, qi: int, top: int, sides: list[int]) -
     return row
 
 
+def window_row(check: PasteCheck, refs: list, qi: int, top: int) -> dict:
+    """Paste ``qi``: is its reference in search's pool; how well do the query's windows frame the
+    pasted box; where does the reference rank when the pasted box, or its visible part, is the
+    window?"""
+    from pipeline.embedders.regions import _iou
+
+    query, gt, pasted = check.ds.queries[qi], int(check.ds.query_gt[qi]), check.ds.paste_box[qi]
+    cands, boxes = cd.query_candidates(query, check.emb, check.corpus, regions=True)
+    reference = refs[gt].image()
+    alpha = reference.getchannel("A").getbbox() if reference.mode == "RGBA" else None
+    visible = pasted
+    if alpha:  # the reference's opaque part, in query pixels
+        sx, sy = (pasted[2] - pasted[0]) / reference.width, (pasted[3] - pasted[1]) / reference.height
+        visible = (round(pasted[0] + alpha[0] * sx), round(pasted[1] + alpha[1] * sy),
+                   round(pasted[0] + alpha[2] * sx), round(pasted[1] + alpha[3] * sy))
+    sims = check.emb.embed_images([query.crop(pasted), query.crop(visible)]) @ check.corpus.T
+    rank = (sims > sims[:, gt:gt + 1]).sum(axis=1) + 1
+    return {"in the pool": any(c.id == gt for c in verification_pool(cands, top)),
+            "best window IoU": float(_iou(np.asarray(pasted, float), np.asarray(boxes, float)).max()),
+            "first on the pasted box": rank[0] == 1, "first on its visible part": rank[1] == 1,
+            "in the top 3 on the pasted box": rank[0] <= 3,
+            "similarity on the pasted box": float(sims[0, gt])}
+
+
 def query_row(check: PasteCheck, qi: int, top: int) -> dict:
     """One query as search verifies it (its pool, luma, whole query), then
     ``Verifier.retry_on_windows``: the first failures found by a window other than the whole
@@ -127,6 +155,8 @@ def main() -> None:
     ap.add_argument("--retries", type=int, default=3, help="failing pool members retried on their windows")
     ap.add_argument("--candidate-sides", type=int, nargs="*", metavar="PX",
                     help="instead: verify each paste's reference with candidates worked at these sides")
+    ap.add_argument("--windows", action="store_true",
+                    help="instead: the pastes outside the pool, and the windows that would frame them")
     ap.add_argument("--object-regions", type=int, default=cd.EmbedderConfig().query_object_regions)
     ap.add_argument("--cache", default="/tmp/replica-devset", help="the development benchmark's package cache")
     args = ap.parse_args()
@@ -151,6 +181,15 @@ def main() -> None:
         print("  candidate features, ms:", {side: round(1000 * float(np.mean([r[f"{side} features s"]
                                                                           for r in found.values()])), 1)
                                            for side in args.candidate_sides})
+        return
+    if args.windows:
+        found = [window_row(check, refs, i, top) for i in pastes]
+        for name, part in (("in the pool", [r for r in found if r["in the pool"]]),
+                           ("outside the pool", [r for r in found if not r["in the pool"]])):
+            medians = {k: round(float(np.median([r[k] for r in part])), 3) if part else None
+                       for k in ("best window IoU", "similarity on the pasted box")}
+            print(f"{args.split}: {len(part)} of {len(found)} pastes {name}; medians {medians};",
+                  summary(part, ["first on the pasted box", "in the top 3 on the pasted box", "first on its visible part"]))
         return
     rows = {i: query_row(check, i, top) for i in pastes}
     print(f"{args.split}, {len(rows)} pastes, corpus {len(check.corpus):,}; search's pool: {pool_size(top)}")
