@@ -99,7 +99,7 @@ def window_row(check: PasteCheck, refs: list, qi: int, top: int) -> dict:
     """Paste ``qi``: is its reference in search's pool; how well do the query's windows frame the
     pasted box; where does the reference rank when the pasted box, or its visible part, is the
     window?"""
-    from pipeline.embedders.regions import _iou
+    from pipeline.embedders.regions import iou
 
     query, gt, pasted = check.ds.queries[qi], int(check.ds.query_gt[qi]), check.ds.paste_box[qi]
     cands, boxes = cd.query_candidates(query, check.emb, check.corpus, regions=True)
@@ -113,7 +113,7 @@ def window_row(check: PasteCheck, refs: list, qi: int, top: int) -> dict:
     sims = check.emb.embed_images([query.crop(pasted), query.crop(visible)]) @ check.corpus.T
     rank = (sims > sims[:, gt:gt + 1]).sum(axis=1) + 1
     return {"in the pool": any(c.id == gt for c in verification_pool(cands, top)),
-            "best window IoU": float(_iou(np.asarray(pasted, float), np.asarray(boxes, float)).max()),
+            "best window IoU": float(iou(np.asarray(pasted, float), np.asarray(boxes, float)).max()),
             "first on the pasted box": rank[0] == 1, "first on its visible part": rank[1] == 1,
             "in the top 3 on the pasted box": rank[0] <= 3,
             "similarity on the pasted box": float(sims[0, gt])}

@@ -67,7 +67,8 @@ def _sums(integral: np.ndarray, x0, y0, x1, y1) -> np.ndarray:
     return integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of box ``a`` with each of the boxes ``b`` (x0, y0, x1, y1 rows)."""
     ix = np.maximum(0, np.minimum(a[2], b[:, 2]) - np.maximum(a[0], b[:, 0]))
     iy = np.maximum(0, np.minimum(a[3], b[:, 3]) - np.maximum(a[1], b[:, 1]))
     inter = ix * iy
@@ -82,7 +83,7 @@ def _suppress(b: np.ndarray, score: np.ndarray, count: int, overlap: float) -> l
     for i in np.argsort(-score, kind="stable"):
         if score[i] <= 0 or len(keep) >= count:
             break
-        if keep and _iou(b[i], b[keep]).max() > overlap:
+        if keep and iou(b[i], b[keep]).max() > overlap:
             continue
         keep.append(int(i))
     return keep
